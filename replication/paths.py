@@ -1,0 +1,37 @@
+"""Every path the project uses, derived from one place.
+
+Notebooks and scripts import these instead of relying on the working directory.
+`REPLICATION_DATA_DIR` / `REPLICATION_FIGURES_DIR` override the defaults (tests use
+them to work in a temporary folder).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PROJECT_ROOT: Path = Path(__file__).resolve().parent.parent
+DATA_DIR: Path = Path(os.environ.get("REPLICATION_DATA_DIR", PROJECT_ROOT / "data"))
+FIGURES_DIR: Path = Path(os.environ.get("REPLICATION_FIGURES_DIR", PROJECT_ROOT / "figures"))
+NOTEBOOKS_DIR: Path = PROJECT_ROOT / "notebooks"
+PARAMS_DIR: Path = PROJECT_ROOT / "params"
+
+MODELS_DIR: Path = DATA_DIR / "models"          # converted embedded models
+CORPUS_DIR: Path = DATA_DIR / "corpus"          # tokenised corpus
+ACTIVATIONS_DIR: Path = DATA_DIR / "activations"
+CHECKPOINTS_DIR: Path = DATA_DIR / "saes"
+MATCHINGS_DIR: Path = DATA_DIR / "matchings"
+
+
+def ensure_dir(path: Path) -> Path:
+    """Create `path` (and parents) if missing and return it."""
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def figures_dir(profile: str = "default") -> Path:
+    """Where a profile's figures go: `figures/` for the default profile, `figures/<profile>/` otherwise.
+
+    Only the default profile's outputs are committed; smoke outputs feed the tests.
+    """
+    folder = FIGURES_DIR if profile == "default" else FIGURES_DIR / profile
+    return ensure_dir(folder)

@@ -1,0 +1,99 @@
+"""Foundation: embedded model, corpus, activation cache (resume, checksums, clear errors)."""
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+
+from replication import activations, corpus, paths
+from replication.activations import ActivationCache, ActivationSettings, build_activation_cache
+from replication.models import ModelNotFoundError, load_model, next_token_loss
+
+TINY = dict(model_name="smollm2-135m", hooks=("blocks.3.hook_mlp_out", "blocks.5.hook_resid_post"),
+            n_train_tokens=630, n_heldout_tokens=63, seq_len=64, batch_seqs=2, model_dtype="float32",
+            corpus_sources=("wikipedia",), corpus_max_tokens=20_000)
+
+
+def test_embedded_model_predicts_text(smol_model):
+    tokens = smol_model.to_tokens("The capital of France is Paris. The capital of Germany is", prepend_bos=False)
+    logits = smol_model(tokens)
+    assert smol_model.tokenizer.decode(logits[0, -1].argmax()).strip() == "Berlin"
+
+
+def test_loss_of_trained_model_beats_random(smol_model):
+    corp = corpus.build_corpus(smol_model.tokenizer, "smollm2-135m", sources=("wikipedia",), max_tokens=20_000, progress=False)
+    held = corp.tokens("heldout")
+    trained = next_token_loss(smol_model, held, seq_len=64, n_seqs=4)
+    random = next_token_loss(load_model("smollm2-135m", random_init=True), held, seq_len=64, n_seqs=4)
+    assert 1.5 < trained < 4.5, trained
+    assert random > 9.0, random
+
+
+def test_corpus_is_deterministic_with_fixed_heldout(smol_model):
+    a = corpus.build_corpus(smol_model.tokenizer, "smollm2-135m", sources=("wikipedia",), max_tokens=20_000, progress=False)
+    assert a.card["tokens"]["train"] >= 20_000 and a.card["tokens"]["heldout"] > 0
+    ids = [d for d, _ in corpus.SOURCES["wikipedia"].reader()]
+    held = [d for d in ids if corpus._heldout(d, 2.0)]
+    assert 0.01 < len(held) / len(ids) < 0.03
+
+
+def test_activation_cache_resumes_byte_identical(tmp_data, smol_model, tmp_path, monkeypatch):
+    settings = ActivationSettings(**TINY)
+    assert build_activation_cache(settings, model=smol_model, progress=False, max_chunks=2) is None
+    folder = activations.cache_folder(settings)
+    assert not (folder / "manifest.json").exists(), "an interrupted cache must not look finished"
+    with pytest.raises(FileNotFoundError, match="manifest.json missing"):
+        ActivationCache.open(folder)
+    resumed = build_activation_cache(settings, model=smol_model, progress=False)
+
+    monkeypatch.setattr(paths, "ACTIVATIONS_DIR", tmp_path / "straight")
+    straight = build_activation_cache(settings, model=smol_model, progress=False)
+    for hook in settings.hooks:
+        for split in ("train", "heldout"):
+            a, b = resumed.array(hook, split), straight.array(hook, split)
+            assert a.shape == (settings.n_train_tokens if split == "train" else settings.n_heldout_tokens, 576)
+            assert np.array_equal(np.asarray(a), np.asarray(b))
+            assert np.abs(np.asarray(a, dtype=np.float32)).max() > 0
+    assert resumed.manifest["files"] == straight.manifest["files"]
+
+
+def test_corrupt_cache_fails_checksum(tmp_data, smol_model):
+    settings = ActivationSettings(**{**TINY, "hooks": ("blocks.2.hook_mlp_out",)})
+    cache = build_activation_cache(settings, model=smol_model, progress=False)
+    path = cache.folder / "train.blocks.2.hook_mlp_out.bin"
+    raw = bytearray(path.read_bytes())
+    raw[100] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="fails its checksum"):
+        ActivationCache.open(cache.folder)
+
+
+def test_layer_out_of_range_is_a_clear_error(tmp_data, smol_model):
+    settings = ActivationSettings(**{**TINY, "hooks": ("blocks.40.hook_mlp_out",)})
+    with pytest.raises(ValueError, match=r"layer 40 out of range for smollm2-135m: it has 30 layers \(0-29\)"):
+        build_activation_cache(settings, model=smol_model, progress=False)
+    with pytest.raises(ValueError, match="unsupported hook"):
+        activations.parse_hook("blocks.3.mlp")
+
+
+def test_bad_model_name_is_a_clear_error():
+    with pytest.raises(ModelNotFoundError, match="unknown model 'not-a-model'"):
+        load_model("not-a-model")
+
+
+def test_missing_corpus_source_warns_and_continues(smol_model, monkeypatch, tmp_path):
+    def missing():
+        raise corpus.MissingSourceError("corpus source 'fake' not found; install it with: apt-get install fake")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(paths, "CORPUS_DIR", tmp_path)
+    monkeypatch.setitem(corpus.SOURCES, "fake", corpus.CorpusSource("fake", "none", "missing", "apt-get install fake", missing))
+    with pytest.warns(UserWarning, match="corpus source 'fake' not found"):
+        corp = corpus.build_corpus(smol_model.tokenizer, "smollm2-135m", sources=("wikipedia", "fake"), max_tokens=5_000, progress=False)
+    assert "fake" in corp.card["missing_sources"] and corp.card["tokens"]["train"] >= 5_000
+    with pytest.raises(corpus.MissingSourceError, match="'fake' not found"):
+        corpus.build_corpus(smol_model.tokenizer, "smollm2-135m", sources=("fake",), max_tokens=6_000, strict=True, progress=False)
+    with pytest.raises(ValueError, match="unknown corpus source"):
+        corpus.build_corpus(smol_model.tokenizer, "smollm2-135m", sources=("nope",), progress=False)

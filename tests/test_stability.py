@@ -1,0 +1,218 @@
+"""Tests for replication.stability: seed families, exact k-seed curve, fits, uncertainty."""
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from replication import matching as M
+from replication import stability as S
+from replication.directions import LatentDirections
+
+
+def seed_family(n_seeds: int, n: int, d: int, seed: int = 0, frac: float = 0.5) -> list[LatentDirections]:
+    """SAEs that share a noisy copy of `frac * n` common latents (each kept by a random
+    subset of seeds) and otherwise hold their own random latents, rows shuffled."""
+    rng = np.random.default_rng(seed)
+    common = rng.standard_normal((n, d))
+    common /= np.linalg.norm(common, axis=1, keepdims=True)
+    out = []
+    for s in range(n_seeds):
+        keep = rng.random(n) < frac
+        dec = rng.standard_normal((n, d))
+        dec /= np.linalg.norm(dec, axis=1, keepdims=True)
+        dec[keep] = common[keep] + 0.25 * rng.standard_normal((keep.sum(), d)) / np.sqrt(d)
+        enc = dec + 0.25 * rng.standard_normal((n, d)) / np.sqrt(d)
+        perm = rng.permutation(n)
+        out.append(LatentDirections(enc[perm], dec[perm], name=f"seed{s}"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def family() -> S.FamilyMatching:
+    return S.FamilyMatching(seed_family(5, 60, 24, seed=3), cache=False, progress=False)
+
+
+# --------------------------------------------------------------------------- k seeds
+@pytest.mark.parametrize("n_seeds", [5, 6, 7, 9])
+def test_kseed_exact_equals_bruteforce_random(n_seeds):
+    rng = np.random.default_rng(n_seeds)
+    n = 23
+    p = rng.random((n_seeds, 1, n))  # latent-dependent sharing probability
+    shared = rng.random((n_seeds, n_seeds, n)) < p
+    shared[np.arange(n_seeds), np.arange(n_seeds)] = False
+    exact = S.kseed_only_in_base(shared.sum(axis=1), n_seeds)
+    brute = S.kseed_only_in_base_bruteforce(shared)
+    assert list(exact) == list(range(2, n_seeds + 1))
+    for k in exact:
+        assert exact[k] == pytest.approx(brute[k], abs=1e-12), k
+    vals = list(exact.values())
+    assert all(b <= a + 1e-15 for a, b in zip(vals, vals[1:])), "curve must not increase with k"
+    assert S.kseed_only_in_base(shared.sum(axis=1), n_seeds, ks=[1])[1] == 1.0
+
+
+def test_kseed_exact_equals_bruteforce_on_real_matchings(family):
+    for definition in M.DEFINITIONS:
+        shared = family.shared(definition)
+        exact = family.kseed_curve(definition)
+        brute = S.kseed_only_in_base_bruteforce(shared)
+        for k in exact:
+            assert exact[k] == pytest.approx(brute[k], abs=1e-12)
+    # agree-shared is a subset of threshold-shared, so more latents are base-only under it
+    agree, thr = family.kseed_curve("agree"), family.kseed_curve("threshold")
+    assert all(agree[k] >= thr[k] for k in agree)
+
+
+def test_kseed_known_values():
+    # N = 3: a latent shared with s = 0, 1, 2 others; k = 2 picks one other seed
+    counts = np.array([[0, 1, 2, 2]])
+    out = S.kseed_only_in_base(counts, 3)
+    assert out[2] == pytest.approx((1 + 0.5 + 0 + 0) / 4)
+    assert out[3] == pytest.approx(0.25)
+    with pytest.raises(ValueError):
+        S.kseed_only_in_base(np.array([[3]]), 3)
+
+
+# --------------------------------------------------------------------------- family
+def test_family_inversion_consistency(family):
+    N = family.n_seeds
+    for i, j in itertools.permutations(range(N), 2):
+        r, back = family.result(i, j), family.result(j, i)
+        np.testing.assert_array_equal(back.dec_partner[r.dec_partner], np.arange(family.n_latents))
+        np.testing.assert_array_equal(back.dec_cos[r.dec_partner], r.dec_cos)
+    # the max-cosine baseline of j -> i is the column max of the i -> j cosine matrix
+    a, b = family.seeds[0], family.seeds[3]
+    C = M.cosine_matrix(a.encoder, b.encoder)
+    np.testing.assert_array_equal(family.result(3, 0).enc_max_cos, C.max(axis=0))
+    np.testing.assert_array_equal(family.result(0, 3).enc_max_cos, C.max(axis=1))
+    with pytest.raises(ValueError):
+        family.result(1, 1)
+
+
+def test_family_shared_counts_and_similarity(family):
+    N, n = family.n_seeds, family.n_latents
+    sh = family.shared("threshold")
+    assert sh.shape == (N, N, n) and not sh[np.arange(N), np.arange(N)].any()
+    r = family.result(1, 2)
+    # the agree definition is symmetric through the bijection (same pair both ways)
+    ag = family.shared("agree")
+    np.testing.assert_array_equal(ag[2, 1][r.dec_partner], ag[1, 2])
+    assert ag[1, 2].sum() > 0
+    both = (r.dec_cos > 0.7) & (r.enc_cos > 0.7)
+    np.testing.assert_array_equal(sh[1, 2], both)
+    counts = family.shared_counts("threshold")
+    assert counts.shape == (N, n) and counts.max() <= N - 1
+    np.testing.assert_array_equal(counts, sh.sum(axis=1))
+    sim = family.mean_similarity()
+    assert sim.shape == (N, n)
+    manual = np.mean([0.5 * (family.result(0, j).dec_cos.astype(float) + family.result(0, j).enc_cos)
+                      for j in range(1, N)], axis=0)
+    np.testing.assert_allclose(sim[0], manual)
+    # latents shared with every other seed are more similar than orphans
+    assert sim[counts == N - 1].mean() > sim[counts == 0].mean() + 0.3
+    tab = family.pair_table()
+    assert len(tab) == N * (N - 1) and (tab["agree"] <= tab["threshold"]).all()
+
+
+def test_family_from_results_and_errors(family):
+    res = {(i, j): family.result(i, j) for i, j in itertools.combinations(range(family.n_seeds), 2)}
+    again = S.FamilyMatching.from_results(family.n_seeds, res)
+    np.testing.assert_array_equal(again.shared_counts(), family.shared_counts())
+    del res[(0, 1)]
+    with pytest.raises(KeyError):
+        S.FamilyMatching.from_results(family.n_seeds, res)
+    with pytest.raises(ValueError, match="definition"):
+        family.shared("bogus")
+
+
+# --------------------------------------------------------------------------- fits
+def test_fit_power_law_recovers_offset_model():
+    k = np.arange(2, 10, dtype=float)
+    rng = np.random.default_rng(0)
+    y = 0.6 * k ** -0.8 + 0.3 + rng.normal(0, 1e-4, k.size)
+    out = S.fit_power_law(k, y)
+    p = out["with_offset"]["params"]
+    assert p["a"] == pytest.approx(0.6, abs=0.01)
+    assert p["b"] == pytest.approx(-0.8, abs=0.02)
+    assert p["c"] == pytest.approx(0.3, abs=0.01)
+    assert out["with_offset"]["stderr"]["c"] < 0.01
+    assert out["f_test"]["p_value"] < 1e-3
+    assert out["delta_aic"] < 0 and out["with_offset"]["rss"] < out["without_offset"]["rss"]
+    json.dumps(out, allow_nan=False)  # plain JSON
+
+
+def test_fit_power_law_without_offset_data():
+    k = np.arange(2, 10, dtype=float)
+    rng = np.random.default_rng(1)
+    y = 0.7 * k ** -0.3 * (1 + rng.normal(0, 1e-3, k.size))
+    out = S.fit_power_law(k, y)
+    p = out["without_offset"]["params"]
+    assert p["a"] == pytest.approx(0.7, rel=0.01) and p["b"] == pytest.approx(-0.3, abs=0.01)
+    assert out["f_test"]["p_value"] > 0.05
+    np.testing.assert_allclose(S.power_law(k, p["a"], p["b"]), y, rtol=0.01)
+    with pytest.raises(ValueError):
+        S.fit_power_law(k[:3], y[:3])
+
+
+# --------------------------------------------------------------------------- firing frequency
+def test_frequency_table_and_masks():
+    fc = np.array([[0, 5, 10], [3, 0, 1]])
+    sim = np.array([[0.1, 0.5, 0.9], [0.2, 0.3, 0.4]])
+    sc = np.array([[0, 2, 1], [1, 0, 2]])
+    np.testing.assert_array_equal(S.live_mask(fc), fc > 0)
+    np.testing.assert_allclose(S.firing_frequency(fc, 10), fc / 10)
+    np.testing.assert_array_equal(S.dead_mask(fc), fc == 0)
+    df = S.frequency_similarity_table(fc, 100, sim, sc)
+    assert len(df) == 6 and set(df["seed"]) == {0, 1}
+    row = df[(df.seed == 0) & (df.latent == 2)].iloc[0]
+    assert row.frequency == pytest.approx(0.1) and row.log10_frequency == pytest.approx(-1.0)
+    assert np.isnan(df[(df.seed == 0) & (df.latent == 0)].iloc[0].log10_frequency)
+    h = S.stacked_histogram(df["similarity"], df["shared_with"], bins=4, group_values=[0, 1, 2])
+    assert list(h.columns) == [0, 1, 2] and h.to_numpy().sum() == 6
+    with pytest.raises(ValueError):
+        S.frequency_similarity_table(fc, 100, sim[:, :2], sc)
+
+
+# --------------------------------------------------------------------------- uncertainty
+def test_bootstrap_ci_covers_truth():
+    rng = np.random.default_rng(0)
+    x = rng.random(4000) < 0.3
+    ci = S.bootstrap_ci(x, n_boot=400, seed=1)
+    assert ci["low"] < 0.3 < ci["high"] and ci["high"] - ci["low"] < 0.05
+    assert ci["estimate"] == pytest.approx(x.mean())
+    med = S.bootstrap_ci(rng.normal(2.0, 1.0, 3000), n_boot=200, stat="median")
+    assert med["low"] < 2.0 < med["high"]
+    assert S.bootstrap_ci(x, n_boot=50, seed=3) == S.bootstrap_ci(x, n_boot=50, seed=3)
+
+
+def test_random_baseline_and_permutation_test():
+    dirs = seed_family(1, 64, 32)[0]
+    rnd = S.random_directions_like(dirs, seed=0)
+    assert rnd.encoder.shape == dirs.encoder.shape
+    np.testing.assert_allclose(np.linalg.norm(rnd.decoder, axis=1), 1.0, rtol=1e-5)
+    chance = S.chance_shared_fractions(dirs, 0.7, seed=0)
+    assert set(chance) == set(M.DEFINITIONS) and max(chance.values()) == 0.0
+    rng = np.random.default_rng(0)
+    same = S.permutation_test(rng.normal(0, 1, 200), rng.normal(0, 1, 200), n_perm=300)
+    shifted = S.permutation_test(rng.normal(1, 1, 200), rng.normal(0, 1, 200), n_perm=300)
+    assert same["p_value"] > 0.05 and shifted["p_value"] < 0.01
+
+
+# --------------------------------------------------------------------------- threshold sweep
+def test_threshold_sweep(family):
+    res = [family.result(0, 1), family.result(2, 4)]
+    sw = S.threshold_sweep(res)
+    assert len(sw) == 100 and set(sw["pair"]) == {0, 1}
+    cols = ["shared_threshold", "shared_agree", "shared_decoder", "shared_maxcos"]
+    for _, g in sw.groupby("pair"):
+        assert (np.diff(g[cols].to_numpy(), axis=0) <= 0).all()  # non-increasing in t
+    assert (sw["shared_agree"] <= sw["shared_threshold"]).all()
+    assert (sw["shared_threshold"] <= sw["shared_decoder"]).all()
+    t = sw["threshold"].iloc[35]
+    fr = M.shared_fractions(res[0], t)
+    row = sw.iloc[35]
+    assert all(row[f"shared_{k}"] == pytest.approx(v) for k, v in fr.items())
+    assert isinstance(S.threshold_sweep(res[0], thresholds=[0.7]), pd.DataFrame)

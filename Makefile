@@ -44,11 +44,13 @@ corpus-sources:  ## install the Debian packages of the larger corpus (root + apt
 
 figures: $(INSTALLED) $(if $(filter smoke,$(PROFILE)),,corpus-sources) $(STAMPS)  ## run every numbered notebook (PROFILE=smoke|default) into figures/
 
-# One rule per notebook: its real inputs are the notebook, its parameters and the library.
+# One rule per notebook: its real inputs are the notebook, its parameters (the shared seed-family
+# file and its own), and the library.
 # papermill writes to a temporary name that is moved into place only on success.
-$(EXECUTED)/%.ipynb: notebooks/%.ipynb notebooks/params/%/$(PROFILE).yaml $(LIBRARY) $(INSTALLED)
+$(EXECUTED)/%.ipynb: notebooks/%.ipynb notebooks/params/family/$(PROFILE).yaml notebooks/params/%/$(PROFILE).yaml $(LIBRARY) $(INSTALLED)
 	@mkdir -p $(EXECUTED)
-	$(PY) -m papermill --log-level WARNING -k python3 -f notebooks/params/$*/$(PROFILE).yaml \
+	$(PY) -m papermill --log-level WARNING -k python3 -f notebooks/params/family/$(PROFILE).yaml \
+	  -f notebooks/params/$*/$(PROFILE).yaml \
 	  notebooks/$*.ipynb $(EXECUTED)/.tmp-$*.ipynb
 	@mv $(EXECUTED)/.tmp-$*.ipynb $@
 
@@ -58,7 +60,8 @@ nbval: $(INSTALLED)  ## run every notebook with smoke parameters under nbval (wr
 	@rm -rf build/nbval && mkdir -p build/nbval
 	@for nb in $(NAMES); do \
 	  $(PY) -m papermill --prepare-only --log-level WARNING -k python3 \
-	    -f notebooks/params/$$nb/smoke.yaml notebooks/$$nb.ipynb build/nbval/$$nb.ipynb || exit 1; \
+	    -f notebooks/params/family/smoke.yaml -f notebooks/params/$$nb/smoke.yaml \
+	    notebooks/$$nb.ipynb build/nbval/$$nb.ipynb || exit 1; \
 	done
 	$(PY) -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=900 \
 	  --sanitize-with tests/nbval_sanitize.cfg build/nbval

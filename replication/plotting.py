@@ -61,3 +61,112 @@ def load_figure_json(name: str, profile: str = "default") -> dict[str, Any]:
     from .io import read_json
 
     return read_json(figures_dir(profile) / f"{name}.json")
+
+
+# ----------------------------------------------------------------------------------------------
+# figure panels (each draws onto given axes; notebooks compose and save them)
+# ----------------------------------------------------------------------------------------------
+AGREE_COLOURS = {True: "tab:blue", False: "tab:orange"}
+DEFINITION_STYLE = {
+    "threshold": dict(color="tab:blue", ls="-"),
+    "agree": dict(color="tab:green", ls="--"),
+    "decoder": dict(color="tab:purple", ls=":"),
+    "maxcos": dict(color="tab:red", ls="-."),
+}
+
+
+def cosine_scatter_kde(ax, dec_cos, enc_cos, agree, threshold: float = 0.7, max_points: int = 20_000, seed: int = 0) -> None:
+    """Figure 1: each base latent at (decoder cosine, encoder cosine) of its matched partners,
+    coloured by whether the encoder and decoder matchings agree, with KDE density contours."""
+    import numpy as np
+    import pandas as pd
+    import seaborn as sns
+
+    df = pd.DataFrame({"decoder cosine": dec_cos, "encoder cosine": enc_cos,
+                       "matchings": np.where(agree, "same partner", "different partners")})
+    if len(df) > max_points:
+        df = df.sample(max_points, random_state=seed)
+    palette = {"same partner": AGREE_COLOURS[True], "different partners": AGREE_COLOURS[False]}
+    sns.scatterplot(data=df, x="decoder cosine", y="encoder cosine", hue="matchings", palette=palette,
+                    s=6, alpha=0.35, linewidth=0, ax=ax, rasterized=True)
+    for label, sub in df.groupby("matchings"):
+        if len(sub) > 10 and sub[["decoder cosine", "encoder cosine"]].std().min() > 1e-6:
+            sns.kdeplot(data=sub, x="decoder cosine", y="encoder cosine", levels=6, color=palette[label],
+                        linewidths=1.0, ax=ax, warn_singular=False)
+    ax.axvline(threshold, color="grey", lw=0.8, ls="--")
+    ax.axhline(threshold, color="grey", lw=0.8, ls="--")
+    ax.set_xlim(-0.05, 1.02)
+    ax.set_ylim(-0.05, 1.02)
+    ax.set_aspect("equal")
+    ax.legend(title="encoder vs decoder matching", loc="upper left", fontsize=8, title_fontsize=8, markerscale=3)
+
+
+def kseed_panels(ax_lin, ax_log, ks, only_in_base, fits: dict, errors=None) -> None:
+    """Figure 2: fraction of latents found only in the base SAE vs number of seeds, with both power-law fits."""
+    import numpy as np
+
+    ks = np.asarray(ks, float)
+    y = np.asarray(only_in_base, float)
+    grid = np.linspace(ks.min(), ks.max(), 200)
+    for ax in (ax_lin, ax_log):
+        ax.errorbar(ks, y, yerr=errors, fmt="o", color="black", label="measured (exact average)", zorder=3)
+        for name, colour, label in [("with_offset", "tab:blue", "a·k^b + c"), ("without_offset", "tab:orange", "a·k^b")]:
+            fit = fits.get(name) or {}
+            if fit.get("ok"):
+                p = fit["params"]
+                curve = p["a"] * grid ** p["b"] + p.get("c", 0.0)
+                ax.plot(grid, curve, color=colour, label=f"{label}  (SSE {fit['sse']:.2g})")
+        ax.set_xlabel("number of seeds k")
+    ax_lin.set_ylabel("fraction of latents only in the base SAE")
+    ax_lin.legend(fontsize=8)
+    ax_log.set_xscale("log")
+    ax_log.set_yscale("log")
+    ax_log.set_xticks(ks)
+    ax_log.set_xticklabels([str(int(k)) for k in ks])
+    ax_log.set_title("log-log axes")
+
+
+def threshold_sweep_panel(ax, sweep, threshold: float = 0.7) -> None:
+    """Figure A1 (right): fraction of shared latents vs the cosine threshold, one line per definition."""
+    for definition, style in DEFINITION_STYLE.items():
+        if definition in sweep:
+            ax.plot(sweep["threshold"], sweep[definition], label=definition, **style)
+    ax.axvline(threshold, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("cosine threshold")
+    ax.set_ylabel("fraction of latents shared")
+    ax.set_ylim(0, 1.02)
+    ax.legend(title="definition", fontsize=8)
+
+
+def frequency_similarity_panels(ax_scatter, ax_linear, ax_log, log10_frequency, similarity, shared_count,
+                                n_other: int, n_bins: int = 40, split: float | None = None) -> None:
+    """Figure 3: similarity vs log firing frequency (coloured by number of seeds shared with), and
+    stacked histograms of firing frequency per shared-count group on a split count axis —
+    logarithmic below `split` (rare bins stay visible) and linear above, as in the paper."""
+    import numpy as np
+
+    cmap = plt.get_cmap("viridis", n_other + 1)
+    x = np.asarray(log10_frequency, float)
+    groups = np.asarray(shared_count, int)
+    sc = ax_scatter.scatter(x, similarity, c=groups, cmap=cmap, vmin=-0.5, vmax=n_other + 0.5, s=5, alpha=0.6, rasterized=True)
+    cbar = plt.colorbar(sc, ax=ax_scatter, ticks=range(n_other + 1), pad=0.01)
+    cbar.set_label("other seeds it is shared with")
+    ax_scatter.set_ylabel("mean matched cosine\n(over the other seeds)")
+    edges = np.linspace(np.nanmin(x), np.nanmax(x), n_bins + 1) if len(x) else np.linspace(-5, 0, n_bins + 1)
+    counts = np.stack([np.histogram(x[groups == g], bins=edges)[0] for g in range(n_other + 1)])
+    centres, width = 0.5 * (edges[1:] + edges[:-1]), np.diff(edges)
+    total = counts.sum(0)
+    split = split or max(1.0, float(np.ceil(total.max() / 8))) if total.size else 1.0
+    for ax in (ax_linear, ax_log):
+        bottom = np.zeros_like(centres)
+        for g in range(n_other + 1):
+            ax.bar(centres, counts[g], width=width, bottom=bottom, color=cmap(g), edgecolor="none", label=str(g))
+            bottom += counts[g]
+    ax_linear.set_ylim(split, max(split * 1.05, total.max() * 1.05 if total.size else split * 2))
+    ax_log.set_yscale("log")
+    ax_log.set_ylim(0.8, split)
+    ax_linear.spines["bottom"].set_visible(False)
+    ax_linear.tick_params(axis="x", which="both", bottom=False)
+    ax_log.set_xlabel("log10 firing frequency (fraction of held-out tokens)")
+    ax_linear.set_ylabel(f"latents\n(linear above {split:g})")
+    ax_log.set_ylabel(f"latents\n(log below {split:g})")

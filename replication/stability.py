@@ -384,3 +384,61 @@ def threshold_sweep(results: "MatchResult | Sequence[MatchResult]",
             "shared_maxcos": (mmin[None] > t).mean(axis=1),
         }))
     return pd.concat(frames, ignore_index=True)
+
+
+# --------------------------------------------------------------------------- bimodality (Figure 1)
+def _gmm_1d(x: np.ndarray, n_components: int, n_iter: int = 500, seed: int = 0) -> dict[str, Any]:
+    """Maximum-likelihood 1-D Gaussian mixture by EM (quantile initialisation, deterministic)."""
+    x = np.asarray(x, np.float64)
+    n = len(x)
+    means = np.quantile(x, np.linspace(0.2, 0.8, n_components)) if n_components > 1 else np.array([x.mean()])
+    var = np.full(n_components, max(x.var(), 1e-6))
+    weights = np.full(n_components, 1.0 / n_components)
+    prev = -np.inf
+    for _ in range(n_iter):
+        log_p = -0.5 * ((x[:, None] - means) ** 2 / var + np.log(2 * np.pi * var)) + np.log(weights)
+        log_norm = np.logaddexp.reduce(log_p, axis=1)
+        resp = np.exp(log_p - log_norm[:, None])
+        nk = resp.sum(0) + 1e-12
+        weights = nk / n
+        means = (resp * x[:, None]).sum(0) / nk
+        var = np.maximum((resp * (x[:, None] - means) ** 2).sum(0) / nk, 1e-6)
+        ll = float(log_norm.sum())
+        if abs(ll - prev) < 1e-9 * max(1.0, abs(ll)):
+            break
+        prev = ll
+    n_params = 3 * n_components - 1
+    order = np.argsort(means)
+    return {"log_likelihood": ll, "bic": n_params * np.log(n) - 2 * ll, "means": means[order].tolist(),
+            "stds": np.sqrt(var[order]).tolist(), "weights": weights[order].tolist()}
+
+
+def bimodality(x: np.ndarray) -> dict[str, Any]:
+    """Evidence that a similarity distribution has two modes (shared vs orphan latents).
+
+    Two tests: a 2- vs 1-component Gaussian mixture (BIC difference; > 10 is strong evidence
+    for two components) and Sarle's bimodality coefficient (> 5/9 suggests bimodality).
+    """
+    from scipy import stats
+
+    x = np.asarray(x, np.float64)
+    x = x[np.isfinite(x)]
+    n = len(x)
+    if n < 4 or x.std() == 0:
+        return {"n": n, "bimodal": False, "reason": "too few or constant values"}
+    one, two = _gmm_1d(x, 1), _gmm_1d(x, 2)
+    skew = float(stats.skew(x, bias=False))
+    kurt = float(stats.kurtosis(x, bias=False))
+    coefficient = (skew**2 + 1) / (kurt + 3 * (n - 1) ** 2 / ((n - 2) * (n - 3)))
+    delta_bic = one["bic"] - two["bic"]
+    separated = abs(two["means"][1] - two["means"][0]) > 2 * max(two["stds"]) if len(two["means"]) == 2 else False
+    return {
+        "n": n,
+        "gmm_1": one,
+        "gmm_2": two,
+        "delta_bic_1_minus_2": float(delta_bic),
+        "sarle_coefficient": float(coefficient),
+        "sarle_threshold": 5 / 9,
+        "modes_separated": bool(separated),
+        "bimodal": bool(delta_bic > 10 and coefficient > 5 / 9),
+    }

@@ -216,3 +216,16 @@ def test_threshold_sweep(family):
     row = sw.iloc[35]
     assert all(row[f"shared_{k}"] == pytest.approx(v) for k, v in fr.items())
     assert isinstance(S.threshold_sweep(res[0], thresholds=[0.7]), pd.DataFrame)
+
+
+def test_bimodality_separates_two_modes_from_one():
+    from replication.stability import bimodality
+
+    rng = np.random.default_rng(0)
+    two = np.concatenate([rng.normal(0.25, 0.06, 3000), rng.normal(0.85, 0.05, 2000)])
+    one = rng.normal(0.5, 0.15, 5000)
+    b2, b1 = bimodality(two), bimodality(one)
+    assert b2["bimodal"] and b2["delta_bic_1_minus_2"] > 100
+    assert abs(b2["gmm_2"]["means"][0] - 0.25) < 0.02 and abs(b2["gmm_2"]["means"][1] - 0.85) < 0.02
+    assert abs(b2["gmm_2"]["weights"][1] - 0.4) < 0.03
+    assert not b1["bimodal"] and b1["sarle_coefficient"] < 5 / 9

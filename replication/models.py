@@ -18,7 +18,6 @@ centring), so hook activations equal those of the original model.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import shutil
@@ -70,16 +69,9 @@ class ModelNotFoundError(ValueError):
     """The requested model name is neither embedded nor loadable from the hub."""
 
 
-def _package_dir(package: str) -> Path | None:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 def find_gguf(model: EmbeddedModel) -> Path:
     """Locate the GGUF file shipped by `model.package`, with a clear error if absent."""
-    pkg = _package_dir(model.package)
+    pkg = paths.package_dir(model.package)
     if pkg is None:
         raise ModelNotFoundError(
             f"embedded model '{model.key}' needs the package '{model.package}': run `{model.pip_hint}`"

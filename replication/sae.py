@@ -152,6 +152,21 @@ class SAEBase(nn.Module):
         """Int64 `[n_latents]`: on how many tokens of `x` each latent is active."""
         return self.firing_mask(x).sum(dim=0, dtype=torch.int64)
 
+    def _create_weights(self, encoder_bias: bool, device: Any, dtype: torch.dtype | str | None) -> torch.dtype:
+        """Zeroed `encoder` (Linear, optional bias), `W_dec [n, d_in]` and `b_dec [d_in]`; returns the dtype.
+
+        Every architecture shares these tensors (sparsify names); `reset_parameters` fills them.
+        """
+        dtype = _to_dtype(dtype)
+        self.encoder = _empty_linear(self.d_in, self.n_latents, encoder_bias, device, dtype)
+        self.W_dec = nn.Parameter(torch.zeros(self.n_latents, self.d_in, device=device, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(self.d_in, device=device, dtype=dtype))
+        with torch.no_grad():
+            self.encoder.weight.zero_()
+            if encoder_bias:
+                self.encoder.bias.zero_()
+        return dtype
+
     def _init_tied(self, seed: int) -> Tensor:
         weight = _encoder_init(self.n_latents, self.d_in, seed).to(device=self.W_dec.device, dtype=self.W_dec.dtype)
         with torch.no_grad():
@@ -303,13 +318,7 @@ class TopKSAE(SAEBase):
         if not 0 < int(k) <= n_latents:
             raise ValueError(f"k={k} must be in 1..n_latents={n_latents}")
         self.k = int(k)
-        dtype = _to_dtype(dtype)
-        self.encoder = _empty_linear(d_in, n_latents, True, device, dtype)
-        self.W_dec = nn.Parameter(torch.zeros(n_latents, d_in, device=device, dtype=dtype))
-        self.b_dec = nn.Parameter(torch.zeros(d_in, device=device, dtype=dtype))
-        with torch.no_grad():
-            self.encoder.weight.zero_()
-            self.encoder.bias.zero_()
+        self._create_weights(True, device, dtype)
         if seed is not None:
             self.reset_parameters(seed)
 
@@ -471,13 +480,7 @@ class ReLUSAE(SAEBase):
     def __init__(self, d_in: int, n_latents: int, *, seed: int | None = None, device: str | torch.device = "cpu",
                  dtype: torch.dtype | str | None = None, normalize_decoder: bool = False, input_scale: float = 1.0):
         super().__init__(d_in, n_latents, normalize_decoder=normalize_decoder, input_scale=input_scale)
-        dtype = _to_dtype(dtype)
-        self.encoder = _empty_linear(d_in, n_latents, True, device, dtype)
-        self.W_dec = nn.Parameter(torch.zeros(n_latents, d_in, device=device, dtype=dtype))
-        self.b_dec = nn.Parameter(torch.zeros(d_in, device=device, dtype=dtype))
-        with torch.no_grad():
-            self.encoder.weight.zero_()
-            self.encoder.bias.zero_()
+        dtype = self._create_weights(True, device, dtype)
         if seed is not None:
             self.reset_parameters(seed)
 
@@ -524,15 +527,10 @@ class GatedSAE(SAEBase):
     def __init__(self, d_in: int, n_latents: int, *, seed: int | None = None, device: str | torch.device = "cpu",
                  dtype: torch.dtype | str | None = None, normalize_decoder: bool = False, input_scale: float = 1.0):
         super().__init__(d_in, n_latents, normalize_decoder=normalize_decoder, input_scale=input_scale)
-        dtype = _to_dtype(dtype)
-        self.encoder = _empty_linear(d_in, n_latents, False, device, dtype)
+        dtype = self._create_weights(False, device, dtype)
         self.b_gate = nn.Parameter(torch.zeros(n_latents, device=device, dtype=dtype))
         self.b_mag = nn.Parameter(torch.zeros(n_latents, device=device, dtype=dtype))
         self.r_mag = nn.Parameter(torch.zeros(n_latents, device=device, dtype=dtype))
-        self.W_dec = nn.Parameter(torch.zeros(n_latents, d_in, device=device, dtype=dtype))
-        self.b_dec = nn.Parameter(torch.zeros(d_in, device=device, dtype=dtype))
-        with torch.no_grad():
-            self.encoder.weight.zero_()
         if seed is not None:
             self.reset_parameters(seed)
 
@@ -625,16 +623,10 @@ class JumpReLUSAE(SAEBase):
                  dtype: torch.dtype | str | None = None, normalize_decoder: bool = False, input_scale: float = 1.0,
                  bandwidth: float = 0.001, init_threshold: float = 0.001):
         super().__init__(d_in, n_latents, normalize_decoder=normalize_decoder, input_scale=input_scale)
-        dtype = _to_dtype(dtype)
         self.bandwidth = float(bandwidth)
         self.init_threshold = float(init_threshold)
-        self.encoder = _empty_linear(d_in, n_latents, True, device, dtype)
+        dtype = self._create_weights(True, device, dtype)
         self.log_threshold = nn.Parameter(torch.full((n_latents,), math.log(init_threshold), device=device, dtype=dtype))
-        self.W_dec = nn.Parameter(torch.zeros(n_latents, d_in, device=device, dtype=dtype))
-        self.b_dec = nn.Parameter(torch.zeros(d_in, device=device, dtype=dtype))
-        with torch.no_grad():
-            self.encoder.weight.zero_()
-            self.encoder.bias.zero_()
         if seed is not None:
             self.reset_parameters(seed)
 

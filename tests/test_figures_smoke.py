@@ -1,0 +1,113 @@
+"""Invariants of the figure JSONs written by the smoke profile (`make nbval` runs it first).
+
+These hold at any scale: fractions in [0, 1], agree-shared <= threshold-shared, the k-seed
+curve non-increasing, max cosine never below the Hungarian-matched cosine, and a shuffled
+copy of a trained SAE 100% shared.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from replication import paths
+
+PROFILE = "smoke"
+FIGURES = ["00_model_and_data", "01_fig1_bimodal_cosine", "02_fig2_kseed_decay", "03_fig3_firing_frequency",
+           "04_figA1_threshold", "05_figA2_A3_hungarian_vs_maxcos"]
+
+
+def numbers(name: str) -> dict:
+    path = paths.FIGURES_DIR / PROFILE / f"{name}.json"
+    assert path.exists(), f"{path} missing: run `make nbval` (or `make figures PROFILE=smoke`) first"
+    return json.loads(path.read_text())["numbers"]
+
+
+def family_params() -> dict:
+    return yaml.safe_load((paths.NOTEBOOKS_DIR / "params" / "family" / f"{PROFILE}.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", FIGURES)
+def test_every_figure_has_png_pdf_json(name):
+    for ext in ("png", "pdf", "json"):
+        path = paths.FIGURES_DIR / PROFILE / f"{name}.{ext}"
+        assert path.exists() and path.stat().st_size > 0, path
+
+
+def test_model_card_numbers():
+    n = numbers("00_model_and_data")
+    assert 1.0 < n["loss_trained"] < n["loss_random_init"]
+    assert n["corpus_tokens"]["train"] > 0 and n["corpus_tokens"]["heldout"] > 0
+
+
+def test_fig1_fractions_and_definitions():
+    n = numbers("01_fig1_bimodal_cosine")
+    fr = n["shared_fraction"]
+    assert set(fr) == {"threshold", "agree", "decoder", "maxcos"}
+    assert all(0.0 <= v <= 1.0 for v in fr.values())
+    assert fr["agree"] <= fr["threshold"] <= fr["decoder"]
+    for name, (lo, hi) in n["shared_fraction_ci95"].items():
+        assert lo <= fr[name] <= hi
+    assert -1.0 <= n["mean_cos_disagree"] <= 1.0 and -1.0 <= n["mean_cos_agree"] <= 1.0
+    assert "delta_bic_1_minus_2" in n["bimodality"]
+
+
+def test_fig2_kseed_curve_is_exact_shape():
+    n = numbers("02_fig2_kseed_decay")
+    seeds = family_params()["seeds"]
+    assert n["k"] == list(range(2, len(seeds) + 1))
+    y = n["only_in_base"]
+    assert all(0.0 <= v <= 1.0 for v in y)
+    assert all(a >= b - 1e-12 for a, b in zip(y, y[1:])), "the only-in-base fraction cannot grow with k"
+    for curve in n["curves"].values():
+        vals = list(curve.values())
+        assert all(a >= b - 1e-12 for a, b in zip(vals, vals[1:]))
+    assert n["fit_with_offset"] is not None and n["fit_without_offset"] is not None
+
+
+def test_fig3_groups_cover_live_latents():
+    n = numbers("03_fig3_firing_frequency")
+    n_other = len(family_params()["seeds"]) - 1
+    groups = {int(g): v for g, v in n["groups"].items()}
+    assert all(0 <= g <= n_other for g in groups)
+    assert sum(v["latents"] for v in groups.values()) + n["dead_latents"] == family_params()["n_latents"]
+    assert all(0.0 < v["median_frequency"] <= 1.0 for v in groups.values())
+
+
+def test_figA1_sweep_monotone_and_ordered():
+    n = numbers("04_figA1_threshold")
+    assert len(n["thresholds"]) == 50 and n["thresholds"][0] == 0.0 and n["thresholds"][-1] == 1.0
+    curves = {k: np.asarray(v) for k, v in n["shared_vs_threshold"].items()}
+    for name, curve in curves.items():
+        assert np.all((curve >= 0) & (curve <= 1)), name
+        assert np.all(np.diff(curve) <= 1e-12), f"{name} must not increase with the threshold"
+    assert np.all(curves["agree"] <= curves["threshold"] + 1e-12)
+    assert np.all(curves["threshold"] <= curves["decoder"] + 1e-12)
+
+
+def test_figA2_max_cosine_never_below_matched():
+    n = numbers("05_figA2_A3_hungarian_vs_maxcos")
+    assert n["max_never_below_matched"] is True
+    for side in ("dec", "enc"):
+        assert n["mean_max_cos"][side] >= n["mean_matched_cos"][side] - 1e-9
+        assert 0.0 <= n["fraction_on_diagonal"][side] <= 1.0
+
+
+def test_shuffled_trained_sae_is_fully_shared():
+    """The paper's sanity argument on a real trained SAE of the smoke family."""
+    from replication import experiments, matching
+    from replication.checkpoints import load_directions
+    from replication.directions import LatentDirections
+
+    spec = experiments.FamilySpec.from_params(family_params())
+    folder = experiments.family_dir(spec) / f"seed{spec.seeds[0]}" / spec.hook
+    assert folder.exists(), f"{folder} missing: run `make nbval` first"
+    dirs = load_directions(folder)
+    perm = np.random.default_rng(0).permutation(dirs.n_latents)
+    shuffled = LatentDirections(dirs.encoder[perm], dirs.decoder[perm], name="shuffled")
+    result = matching.match(dirs, shuffled, cache=False)
+    assert np.array_equal(result.dec_partner[perm], np.arange(dirs.n_latents))
+    assert all(v == 1.0 for v in matching.shared_fractions(result).values())

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg", force=False)
 import matplotlib.pyplot as plt  # noqa: E402
@@ -115,7 +116,7 @@ def kseed_panels(ax_lin, ax_log, ks, only_in_base, fits: dict, errors=None) -> N
             if fit.get("ok"):
                 p = fit["params"]
                 curve = p["a"] * grid ** p["b"] + p.get("c", 0.0)
-                ax.plot(grid, curve, color=colour, label=f"{label}  (SSE {fit['sse']:.2g})")
+                ax.plot(grid, curve, color=colour, label=f"{label}  (RSS {fit['rss']:.2g})")
         ax.set_xlabel("number of seeds k")
     ax_lin.set_ylabel("fraction of latents only in the base SAE")
     ax_lin.legend(fontsize=8)
@@ -126,11 +127,11 @@ def kseed_panels(ax_lin, ax_log, ks, only_in_base, fits: dict, errors=None) -> N
     ax_log.set_title("log-log axes")
 
 
-def threshold_sweep_panel(ax, sweep, threshold: float = 0.7) -> None:
+def threshold_sweep_panel(ax, thresholds, curves: dict, threshold: float = 0.7) -> None:
     """Figure A1 (right): fraction of shared latents vs the cosine threshold, one line per definition."""
     for definition, style in DEFINITION_STYLE.items():
-        if definition in sweep:
-            ax.plot(sweep["threshold"], sweep[definition], label=definition, **style)
+        if definition in curves:
+            ax.plot(thresholds, curves[definition], label=definition, **style)
     ax.axvline(threshold, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("cosine threshold")
     ax.set_ylabel("fraction of latents shared")
@@ -156,7 +157,7 @@ def frequency_similarity_panels(ax_scatter, ax_linear, ax_log, log10_frequency, 
     counts = np.stack([np.histogram(x[groups == g], bins=edges)[0] for g in range(n_other + 1)])
     centres, width = 0.5 * (edges[1:] + edges[:-1]), np.diff(edges)
     total = counts.sum(0)
-    split = split or max(1.0, float(np.ceil(total.max() / 8))) if total.size else 1.0
+    split = split or (max(2.0, float(np.ceil(total.max() / 3))) if total.size else 2.0)
     for ax in (ax_linear, ax_log):
         bottom = np.zeros_like(centres)
         for g in range(n_other + 1):
@@ -165,6 +166,8 @@ def frequency_similarity_panels(ax_scatter, ax_linear, ax_log, log10_frequency, 
     ax_linear.set_ylim(split, max(split * 1.05, total.max() * 1.05 if total.size else split * 2))
     ax_log.set_yscale("log")
     ax_log.set_ylim(0.8, split)
+    ax_log.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax_log.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax_linear.spines["bottom"].set_visible(False)
     ax_linear.tick_params(axis="x", which="both", bottom=False)
     ax_log.set_xlabel("log10 firing frequency (fraction of held-out tokens)")

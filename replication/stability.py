@@ -193,14 +193,18 @@ def fit_power_law(k: Sequence[float], y: Sequence[float], p0: Sequence[float] = 
         return a * np.power(x, b)
 
     def fit(f: Callable[..., np.ndarray], guess: Sequence[float], names: Sequence[str]) -> dict[str, Any]:
-        popt, pcov = curve_fit(f, k, y, p0=list(guess), maxfev=20000)
+        try:
+            popt, pcov = curve_fit(f, k, y, p0=list(guess), maxfev=20000)
+        except (RuntimeError, ValueError) as err:  # no convergence: say so instead of failing the figure
+            return {"ok": False, "error": str(err), "params": None, "stderr": None, "rss": None,
+                    "n_params": len(names), "aic": None, "bic": None}
         resid = y - f(k, *popt)
         rss = float(np.sum(resid ** 2))
         p = len(popt)
         err = np.sqrt(np.diag(pcov)) if np.all(np.isfinite(pcov)) else np.full(p, np.nan)
         # Gaussian log-likelihood with the MLE variance; guard rss == 0 (perfect fit)
         ll_term = n * math.log(max(rss, 1e-300) / n)
-        return {"params": {nm: float(v) for nm, v in zip(names, popt)},
+        return {"ok": True, "params": {nm: float(v) for nm, v in zip(names, popt)},
                 "stderr": {nm: _json_float(e) for nm, e in zip(names, err)},
                 "rss": rss, "n_params": p, "aic": ll_term + 2 * p, "bic": ll_term + p * math.log(n)}
 
@@ -208,6 +212,10 @@ def fit_power_law(k: Sequence[float], y: Sequence[float], p0: Sequence[float] = 
     reduced = fit(without_offset, p0[:2], ("a", "b"))
     df1, df2 = 1, n - 3
     rss1, rss0 = full["rss"], reduced["rss"]
+    if not (full["ok"] and reduced["ok"]):
+        return {"with_offset": full, "without_offset": reduced,
+                "f_test": {"F": None, "df1": df1, "df2": df2, "p_value": None},
+                "delta_aic": None, "delta_bic": None, "n_points": n, "p0": [float(v) for v in p0]}
     if df2 <= 0:
         F, pval = float("nan"), float("nan")
     elif rss1 <= 0:

@@ -229,3 +229,13 @@ def test_bimodality_separates_two_modes_from_one():
     assert abs(b2["gmm_2"]["means"][0] - 0.25) < 0.02 and abs(b2["gmm_2"]["means"][1] - 0.85) < 0.02
     assert abs(b2["gmm_2"]["weights"][1] - 0.4) < 0.03
     assert not b1["bimodal"] and b1["sarle_coefficient"] < 5 / 9
+
+
+def test_power_law_fit_reports_failure_instead_of_raising():
+    from replication.stability import fit_power_law
+
+    out = fit_power_law([2, 3, 4, 5], [np.nan, 1.0, 1.0, 1.0])
+    assert out["with_offset"]["ok"] is False or out["without_offset"]["ok"] is False
+    assert out["f_test"]["p_value"] is None
+    good = fit_power_law([2, 3, 4, 5, 6, 7, 8, 9], [0.3 * k ** -0.5 + 0.2 for k in range(2, 10)])
+    assert good["with_offset"]["ok"] and abs(good["with_offset"]["params"]["c"] - 0.2) < 1e-3

@@ -97,3 +97,18 @@ def test_missing_corpus_source_warns_and_continues(smol_model, monkeypatch, tmp_
         corpus.build_corpus(smol_model.tokenizer, "smollm2-135m", sources=("fake",), max_tokens=6_000, strict=True, progress=False)
     with pytest.raises(ValueError, match="unknown corpus source"):
         corpus.build_corpus(smol_model.tokenizer, "smollm2-135m", sources=("nope",), progress=False)
+
+
+def test_random_model_family_is_a_chance_baseline(tmp_data, smol_model):
+    """An SAE trained on the random-initialised control shares ~nothing with one trained on the real model."""
+    from replication import experiments, matching
+
+    common = dict(n_train_tokens=6_300, n_heldout_tokens=630, seq_len=64, model_dtype="float32",
+                  corpus_sources=("wikipedia",), corpus_max_tokens=20_000, n_latents=64, k=4,
+                  seeds=(0,), batch_size=256, n_tokens=12_800, hook="blocks.3.hook_mlp_out")
+    real = experiments.seed_family(experiments.FamilySpec(**common), progress=False, model=smol_model)
+    random = experiments.seed_family(experiments.FamilySpec(**common, random_model=True), progress=False)
+    assert random.cache.manifest["settings"]["random_init"] is True
+    assert experiments.family_dir(real.spec) != experiments.family_dir(random.spec)
+    fractions = matching.shared_fractions(matching.match(real.directions[0], random.directions[0], cache=False))
+    assert fractions["threshold"] < 0.1, fractions

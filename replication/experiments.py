@@ -11,7 +11,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -49,6 +49,7 @@ class FamilySpec:
     select_dtype: str | None = None      # "bfloat16": pick the top-k from a bf16 encoder matmul (as sparsify's autocast)
     device: str = "cpu"
     extra_hooks: tuple[str, ...] = field(default_factory=tuple)  # more hooks cached in the same pass
+    checkpoint_at_tokens: tuple[int, ...] = field(default_factory=tuple)  # intermediate checkpoints (tokens ablation)
 
     def activation_settings(self) -> ActivationSettings:
         hooks = tuple(dict.fromkeys((self.hook, *self.extra_hooks)))
@@ -62,7 +63,7 @@ class FamilySpec:
     def training_key(self) -> str:
         """Hash of everything that determines the weights except the seed."""
         d = asdict(self)
-        for key in ("seeds", "device", "extra_hooks"):
+        for key in ("seeds", "device", "extra_hooks", "checkpoint_at_tokens"):
             d.pop(key)
         d["activations"] = self.activation_settings().key()
         return settings_key(d)
@@ -71,7 +72,7 @@ class FamilySpec:
     def from_params(cls, params: dict[str, Any]) -> "FamilySpec":
         """Build from a notebook's parameter dict, ignoring keys that are not spec fields."""
         known = {k: v for k, v in params.items() if k in cls.__dataclass_fields__}
-        for key in ("seeds", "corpus_sources", "extra_hooks"):
+        for key in ("seeds", "corpus_sources", "extra_hooks", "checkpoint_at_tokens"):
             if known.get(key) is not None:
                 known[key] = tuple(known[key])
         return cls(**known)
@@ -91,6 +92,16 @@ class SeedFamily:
     @property
     def directions(self) -> list[LatentDirections]:
         return [r.sae.latent_directions(name=f"seed{s}") for r, s in zip(self.results, self.spec.seeds)]
+
+    def directions_at(self, tokens: int) -> list[LatentDirections]:
+        """Latent directions of every seed at an intermediate checkpoint (`spec.checkpoint_at_tokens`)."""
+        from .checkpoints import load_directions
+
+        if tokens not in self.spec.checkpoint_at_tokens:
+            raise ValueError(f"no intermediate checkpoint at {tokens} tokens; this family has "
+                             f"{list(self.spec.checkpoint_at_tokens)} (set checkpoint_at_tokens before training)")
+        return [load_directions(r.intermediate_dirs[tokens] / self.spec.hook, name=f"seed{s}@{tokens}")
+                for r, s in zip(self.results, self.spec.seeds)]
 
     @cached_property
     def matching(self):
@@ -134,31 +145,68 @@ def family_dir(spec: FamilySpec) -> Path:
     return paths.CHECKPOINTS_DIR / f"{tag}-{spec.training_key()}"
 
 
-def seed_family(spec: FamilySpec, progress: bool = True, model=None) -> SeedFamily:
-    """Build the activation cache, train (or load) every seed, and count held-out firing."""
-    from .sae import firing_counts
-    from .training import DataConfig, TrainConfig, train_saes
+def _train_configs(spec: FamilySpec):
+    from .training import TrainConfig
 
-    timings: dict[str, float] = {}
-    start = time.time()
-    cache = build_activation_cache(spec.activation_settings(), device=spec.device, model=model, progress=progress)
-    timings["activations_s"] = time.time() - start
-    hook = spec.hook
     lr = spec.lr if spec.lr is not None else TrainConfig(n_latents=spec.n_latents).resolved_lr() * spec.lr_scale
-    configs = [
+    return [
         TrainConfig(architecture=spec.architecture, n_latents=spec.n_latents, k=spec.k, seed=seed, lr=lr,
-                    l1_coefficient=spec.l1_coefficient, select_dtype=spec.select_dtype, device=spec.device)
+                    l1_coefficient=spec.l1_coefficient, select_dtype=spec.select_dtype, device=spec.device,
+                    checkpoint_at_tokens=list(spec.checkpoint_at_tokens))
         for seed in spec.seeds
     ]
-    data = DataConfig(batch_size=spec.batch_size, n_tokens=spec.n_tokens, data_seed=spec.data_seed,
-                      input_scale=cache.input_scale(hook), hookpoint=hook, activations_hash=cache.content_hash(hook))
-    root = family_dir(spec)
-    start = time.time()
-    results = train_saes(cache.train(hook), configs, data, out_dirs=[root / f"seed{s}" for s in spec.seeds],
-                         heldout=cache.heldout(hook), progress=progress)
-    timings["training_s"] = time.time() - start
-    start = time.time()
-    heldout = cache.heldout(hook)
-    firing = np.stack([firing_counts(r.sae, heldout, device=spec.device, progress=False) for r in results])
-    timings["firing_s"] = time.time() - start
-    return SeedFamily(spec, cache, results, firing, int(heldout.shape[0]), timings)
+
+
+def _stream_key(spec: FamilySpec) -> tuple:
+    """Families with equal keys read the same batches and can be trained in one pass."""
+    return (spec.activation_settings().key(), spec.hook, spec.batch_size, spec.n_tokens, spec.data_seed, spec.device)
+
+
+def seed_families(specs: Sequence[FamilySpec], progress: bool = True, model=None) -> list[SeedFamily]:
+    """Build every family's activation cache, train (or load) all their SAEs, count held-out firing.
+
+    Families that share a batch stream (same activations, hook, batch size, token budget and data
+    seed) are trained together in one pass over the cache: each batch is read once and steps every
+    SAE of every such family (sweeps over size, k, architecture or seed cost one read of the data).
+    A cache with several hooks is built in one forward pass (list the hooks in `extra_hooks`).
+    """
+    from .sae import firing_counts
+    from .training import DataConfig, train_saes
+
+    specs = list(specs)
+    groups: dict[tuple, list[int]] = {}
+    for i, spec in enumerate(specs):
+        groups.setdefault(_stream_key(spec), []).append(i)
+    families: list[SeedFamily | None] = [None] * len(specs)
+    for indices in groups.values():
+        first = specs[indices[0]]
+        timings: dict[str, float] = {}
+        start = time.time()
+        cache = build_activation_cache(first.activation_settings(), device=first.device, model=model, progress=progress)
+        timings["activations_s"] = time.time() - start
+        hook = first.hook
+        data = DataConfig(batch_size=first.batch_size, n_tokens=first.n_tokens, data_seed=first.data_seed,
+                          input_scale=cache.input_scale(hook), hookpoint=hook, activations_hash=cache.content_hash(hook))
+        configs, out_dirs, owner = [], [], []
+        for i in indices:
+            root = family_dir(specs[i])
+            for cfg, seed in zip(_train_configs(specs[i]), specs[i].seeds):
+                configs.append(cfg)
+                out_dirs.append(root / f"seed{seed}")
+                owner.append(i)
+        start = time.time()
+        heldout = cache.heldout(hook)
+        results = train_saes(cache.train(hook), configs, data, out_dirs=out_dirs, heldout=heldout, progress=progress)
+        timings["training_s"] = time.time() - start
+        for i in indices:
+            mine = [r for r, o in zip(results, owner) if o == i]
+            start = time.time()
+            firing = np.stack([firing_counts(r.sae, heldout, device=specs[i].device, progress=False) for r in mine])
+            families[i] = SeedFamily(specs[i], cache, mine, firing, int(heldout.shape[0]),
+                                     {**timings, "firing_s": time.time() - start})
+    return families  # type: ignore[return-value]
+
+
+def seed_family(spec: FamilySpec, progress: bool = True, model=None) -> SeedFamily:
+    """Build the activation cache, train (or load) every seed, and count held-out firing."""
+    return seed_families([spec], progress=progress, model=model)[0]

@@ -77,9 +77,20 @@ def find_gguf(model: EmbeddedModel) -> Path:
             f"embedded model '{model.key}' needs the package '{model.package}': run `{model.pip_hint}`"
         )
     found = sorted(pkg.rglob(model.gguf_glob))
-    if not found:
+    if found:
+        return found[0]
+    # some packages ship the GGUF in chunk packages plus an `assemble(output_path)` helper
+    import importlib
+
+    assemble = getattr(importlib.import_module(model.package), "assemble", None)
+    if assemble is None:
         raise ModelNotFoundError(f"package '{model.package}' at {pkg} holds no file matching {model.gguf_glob}")
-    return found[0]
+    target = paths.MODELS_DIR / "gguf" / model.key / f"{model.key}.gguf"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(target) as tmp:
+            assemble(output_path=tmp, overwrite=True)  # checks the file's sha256
+    return target
 
 
 def converted_model_dir(key: str) -> Path:

@@ -245,7 +245,7 @@ def evaluate_sae(sae: SAEBase, activations: np.ndarray, batch_size: int = 4096,
     l0 = 0.0
     fired = torch.zeros(sae.n_latents, dtype=torch.bool, device=device)
     for start in range(0, n, batch_size):
-        raw = np.asarray(acts[start:start + batch_size])
+        raw = np.array(acts[start:start + batch_size])   # a writable copy of the memmap rows
         _check_finite(raw, f"at held-out rows {start}..{start + len(raw)}")
         x = torch.from_numpy(raw).to(device=device, dtype=dtype) * scale
         out = sae(x)
@@ -551,8 +551,14 @@ def _load_finished(out_dir: Path, cfg: TrainConfig, data: DataConfig, key: str) 
     if info.get("settings_key") != key:
         raise ValueError(f"{folder} holds a different finished run (settings differ); delete it, pass resume=False, "
                          f"or pick another out_dir")
+    inter = {t: out_dir / f"tokens_{t}" for t in cfg.checkpoint_at_tokens}
+    missing = [t for t, d in inter.items() if not (d / data.hookpoint / TRAINING_INFO).exists()]
+    if missing:
+        # the final weights exist but intermediate checkpoints were asked for later: only a rerun
+        # of the same (deterministic) run can produce them
+        print(f"{out_dir}: finished run lacks the intermediate checkpoints at {missing} tokens; retraining it")
+        return None
     sae = load_sae(folder, device=cfg.device)
-    inter = {t: out_dir / f"tokens_{t}" for t in cfg.checkpoint_at_tokens if (out_dir / f"tokens_{t}").exists()}
     return TrainResult(config=cfg, data=data, sae=sae, metrics=info.get("metrics", {}), finished=True,
                        steps=int(info.get("metrics", {}).get("steps", 0)), out_dir=out_dir, checkpoint_dir=folder,
                        intermediate_dirs=inter, data_stream_hash=info.get("data_stream_sha256", ""), settings_key=key)

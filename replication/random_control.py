@@ -1,0 +1,81 @@
+"""Random-model control ("dead salmon", issue #7, item 3).
+
+The same SAE family is trained on the activations of the real model and of the same
+architecture with random weights (`FamilySpec.random_model=True`, its own forward pass and
+cache). If seed stability measures something about the model rather than about SAE training,
+it should separate the two: `family_stability` summarises one family, `separation` compares two.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from .matching import DEFAULT_THRESHOLD, match, shared_fractions
+from .stability import chance_shared_fractions, permutation_test
+
+
+def control_specs(base, **overrides: Any):
+    """(real, random) `FamilySpec`s: `base` with the non-None `overrides`, no intermediate checkpoints."""
+    known = set(base.__dataclass_fields__)
+    bad = [k for k in overrides if k not in known]
+    if bad:
+        raise ValueError(f"unknown FamilySpec fields in overrides: {bad}")
+    changes = {k: (tuple(v) if isinstance(v, list) else v) for k, v in overrides.items() if v is not None}
+    real = replace(base, **changes, checkpoint_at_tokens=(), random_model=False)
+    return real, replace(real, random_model=True)
+
+
+def family_stability(family, threshold: float = DEFAULT_THRESHOLD, definition: str = "threshold") -> dict[str, Any]:
+    """Seed stability of one family: shared fraction per unordered seed pair, per-latent stability
+    (shared count / other seeds), k-seed curve, matched cosines, FVU and dead fraction."""
+    fm = family.matching
+    pairs = fm.pair_table(threshold)
+    pairs = pairs[pairs["base"] < pairs["other"]]          # a bijection: (i, j) and (j, i) share the same count
+    counts = fm.shared_counts(definition, threshold)
+    dec_cos = np.concatenate([fm.result(i, j).dec_cos for i in range(fm.n_seeds) for j in range(i + 1, fm.n_seeds)])
+    table = family.training_table()
+    return {
+        "pair_shared_fraction": pairs[definition].to_numpy(),
+        "mean_shared_fraction": float(pairs[definition].mean()),
+        "latent_stability": (counts / (fm.n_seeds - 1)).ravel(),
+        "shared_with_none": float((counts == 0).mean()),
+        "shared_with_all": float((counts == fm.n_seeds - 1).mean()),
+        "kseed_curve": fm.kseed_curve(definition, threshold),
+        "matched_dec_cos": dec_cos,
+        "median_matched_dec_cos": float(np.median(dec_cos)),
+        "chance_shared_fraction": chance_shared_fractions(family.directions[0], threshold)[definition],
+        "mean_fvu": float(table.fvu.mean()),
+        "mean_dead_fraction": float(table.dead_fraction.mean()),
+    }
+
+
+def auc(x: np.ndarray, y: np.ndarray) -> float:
+    """P(a value of x > a value of y) + 0.5 P(tie): the Mann-Whitney AUC (0.5 = no separation)."""
+    x, y = np.asarray(x, np.float64).ravel(), np.asarray(y, np.float64).ravel()
+    if x.size == 0 or y.size == 0:
+        raise ValueError("both samples must be non-empty")
+    from scipy.stats import rankdata
+
+    ranks = rankdata(np.concatenate([x, y]))
+    return float((ranks[:x.size].sum() - x.size * (x.size + 1) / 2) / (x.size * y.size))
+
+
+def separation(real: dict[str, Any], random: dict[str, Any], n_perm: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Does stability tell the real model from the random one? Permutation test on the pair
+    fractions and the AUC of per-latent stability (real > random)."""
+    test = permutation_test(real["pair_shared_fraction"], random["pair_shared_fraction"], n_perm=n_perm, seed=seed)
+    return {"pair_fraction_difference": test["observed"], "pair_fraction_p_value": test["p_value"],
+            "latent_stability_auc": auc(real["latent_stability"], random["latent_stability"]),
+            "pairs_disjoint": bool(real["pair_shared_fraction"].min() > random["pair_shared_fraction"].max()
+                                   or real["pair_shared_fraction"].max() < random["pair_shared_fraction"].min())}
+
+
+def cross_model_shared(real_family, random_family, threshold: float = DEFAULT_THRESHOLD) -> float:
+    """Shared fraction (threshold definition) between seed 0 of the real and of the random family."""
+    res = match(real_family.directions[0], random_family.directions[0], cache=False)
+    return shared_fractions(res, threshold)["threshold"]
+
+
+__all__ = ["control_specs", "family_stability", "auc", "separation", "cross_model_shared"]

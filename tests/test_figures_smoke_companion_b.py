@@ -1,0 +1,74 @@
+"""Invariants of the smoke-profile JSONs of notebooks 12-15 (random-model control, subspaces,
+synthetic ground truth, pooling). Each test skips when its JSON has not been written yet
+(`make nbval` or `make figures PROFILE=smoke` writes them)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from replication import paths
+
+PROFILE = "smoke"
+
+
+def numbers(name: str) -> dict:
+    path = paths.FIGURES_DIR / PROFILE / f"{name}.json"
+    if not path.exists():
+        pytest.skip(f"{path} missing: run `make nbval` first")
+    for ext in ("png", "pdf"):
+        assert (path.with_suffix(f".{ext}")).stat().st_size > 0
+    return json.loads(path.read_text())["numbers"]
+
+
+def test_random_model_control():
+    n = numbers("12_random_model_control")
+    for name in ("real", "random"):
+        s = n[name]
+        assert all(0.0 <= v <= 1.0 for v in s["pair_shared_fraction"])
+        assert s["mean_shared_fraction"] == pytest.approx(np.mean(s["pair_shared_fraction"]))
+        curve = list(s["kseed_curve"].values())
+        assert all(a >= b - 1e-12 for a, b in zip(curve, curve[1:]))
+        assert 0.0 <= s["shared_with_all"] <= 1.0 - s["shared_with_none"] + 1e-12
+    assert n["family_random"]["spec"]["random_model"] is True and n["family_real"]["spec"]["random_model"] is False
+    assert 0.0 <= n["separation"]["latent_stability_auc"] <= 1.0
+    assert 0.0 < n["separation"]["pair_fraction_p_value"] <= 1.0
+    assert n["cross_model_shared_fraction"] < 0.1, "SAEs of the real and the random model must share ~nothing"
+
+
+def test_reproducible_subspaces():
+    n = numbers("13_reproducible_subspaces")
+    rows = n["table"]
+    for row in rows:
+        # nothing captures more than the seed's own top-r subspace (Eckart-Young)
+        for key in ("cross_seed", "random", "data_pca", "stable_subspace"):
+            assert 0.0 <= row[key] <= row["within"] + 1e-9, (key, row)
+        assert row["random"] == pytest.approx(row["rank_fraction"], abs=0.05 + row["rank_fraction"])
+    within = [r["within"] for r in rows]
+    assert all(a <= b + 1e-12 for a, b in zip(within, within[1:])), "captured energy grows with the rank"
+    cross = np.array(n["cross_matrix_main_rank"], dtype=float)
+    assert np.isnan(np.diag(cross)).all() and np.nanmax(cross) <= 1.0
+
+
+def test_synthetic_ground_truth():
+    n = numbers("14_synthetic_ground_truth")
+    for key in ("separated_recovered_fraction", "group_subspace_recovered_fraction", "group_basis_recovered_fraction",
+                "separated_reproduced_across_seeds", "group_latents_reproduced_across_seeds"):
+        assert 0.0 <= n[key] <= 1.0
+    assert n["separated_recovered_in_all_seeds"] <= n["separated_recovered_fraction"] + 1e-12
+    assert all(r["fvu"] < 0.2 for r in n["training"]), "the synthetic SAEs did not train"
+    assert n["separated_recovered_fraction"] > 0.8
+
+
+def test_pooling():
+    n = numbers("15_pooling")
+    variants = n["variants"]
+    assert {"single seed", "single seed + fine-tune"} <= set(variants)
+    assert not set(n["build_seeds"]) & set(n["eval_seeds"])
+    for name, v in variants.items():
+        assert 0.0 <= v["shared_with_all"] <= v["mean_shared_fraction"] <= v["shared_with_any"] <= 1.0, name
+        assert 0.0 < v["fvu"] < 1.5, name
+    for fill, info in n["built"].items():
+        assert info["from_pool"] + info["filled"] == n["family"]["spec"]["n_latents"]
+        assert sum(info["per_source_seed"]) == info["from_pool"] <= n["pool_size"]

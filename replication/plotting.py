@@ -173,3 +173,55 @@ def frequency_similarity_panels(ax_scatter, ax_linear, ax_log, log10_frequency, 
     ax_log.set_xlabel("log10 firing frequency (fraction of held-out tokens)")
     ax_linear.set_ylabel(f"latents\n(linear above {split:g})")
     ax_log.set_ylabel(f"latents\n(log below {split:g})")
+
+
+def _sweep_axis(ax, xs, values, categorical: bool, log_x: bool) -> None:
+    """Ticks at the sweep values: labels for categories, a base-2 log axis for sizes and budgets."""
+    if categorical:
+        ax.set_xticks(xs, [str(v) for v in values], rotation=20 if max(len(str(v)) for v in values) > 8 else 0)
+    elif log_x:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [f"{int(v):,}" if float(v).is_integer() else str(v) for v in values], rotation=30)
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+
+
+def overlap_sweep_panel(ax, frame, axis: str, definitions=("threshold", "agree", "decoder"), log_x: bool = False,
+                        xlabel: str | None = None, categorical: bool = False) -> None:
+    """Figures 4-5: shared fraction per sweep point and definition, with the 95% bootstrap interval
+    as error bars and each seed pair as a faint dot (the spread over seeds)."""
+    import numpy as np
+
+    values = list(dict.fromkeys(frame[axis]))
+    xs = np.arange(len(values)) if categorical else np.asarray(values, dtype=float)
+    offsets = np.linspace(-0.12, 0.12, len(definitions)) if categorical else np.zeros(len(definitions))
+    for off, d in zip(offsets, definitions):
+        sub = frame[frame.definition == d].set_index(axis).loc[values]
+        style = DEFINITION_STYLE.get(d, {})
+        y = sub.shared.to_numpy()
+        err = np.vstack([y - sub.ci_low.to_numpy(), sub.ci_high.to_numpy() - y]).clip(min=0)
+        ax.errorbar(xs + off, y, yerr=err, marker="o", ms=4, capsize=3, label=d, color=style.get("color"),
+                    ls="none" if categorical else style.get("ls", "-"))
+        if "per_pair" in sub:
+            for x, pairs in zip(xs + off, sub.per_pair):
+                ax.scatter(np.full(len(pairs), x), pairs, s=6, alpha=0.25, color=style.get("color"), lw=0)
+    _sweep_axis(ax, xs, values, categorical, log_x)
+    ax.set_xlabel(xlabel or axis)
+    ax.set_ylabel("fraction of latents shared")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8)
+
+
+def a3_panel(ax, frame, axis: str, log_x: bool = False, xlabel: str | None = None, categorical: bool = False) -> None:
+    """Figure A3: mean Hungarian-matched cosine vs mean max cosine (decoder and encoder) per sweep point."""
+    import numpy as np
+
+    sub = frame.drop_duplicates(axis).set_index(axis)
+    values = list(sub.index)
+    xs = np.arange(len(values)) if categorical else np.asarray(values, dtype=float)
+    for part, colour in (("dec", "tab:purple"), ("enc", "tab:olive")):
+        ax.plot(xs, sub[f"mean_matched_{part}"], marker="o", color=colour, label=f"{part}oder: Hungarian")
+        ax.plot(xs, sub[f"mean_max_{part}"], marker="x", ls="--", color=colour, label=f"{part}oder: max cosine")
+    _sweep_axis(ax, xs, values, categorical, log_x)
+    ax.set_xlabel(xlabel or axis)
+    ax.set_ylabel("mean cosine over latents")
+    ax.legend(fontsize=7)

@@ -6,13 +6,12 @@ copy of a trained SAE 100% shared.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
+from conftest import smoke_numbers
 from replication import paths
 
 PROFILE = "smoke"
@@ -20,10 +19,7 @@ FIGURES = ["00_model_and_data", "01_fig1_bimodal_cosine", "02_fig2_kseed_decay",
            "04_figA1_threshold", "05_figA2_A3_hungarian_vs_maxcos"]
 
 
-def numbers(name: str) -> dict:
-    path = paths.FIGURES_DIR / PROFILE / f"{name}.json"
-    assert path.exists(), f"{path} missing: run `make nbval` (or `make figures PROFILE=smoke`) first"
-    return json.loads(path.read_text())["numbers"]
+numbers = smoke_numbers
 
 
 def family_params() -> dict:

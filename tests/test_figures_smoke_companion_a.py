@@ -1,25 +1,18 @@
 """Invariants of the smoke-profile JSONs of notebooks 09-11 (per-latent stability, functional
-asymmetry, live-only statistics). Each test skips when its JSON has not been written yet
-(`make nbval` or `make figures PROFILE=smoke` writes them)."""
+asymmetry, live-only statistics), which `make nbval` (or `make figures PROFILE=smoke`) writes;
+a missing JSON fails the test."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
 
-from replication import paths
+from conftest import smoke_numbers
 
 PROFILE = "smoke"
 
 
-def numbers(name: str) -> dict:
-    path = paths.FIGURES_DIR / PROFILE / f"{name}.json"
-    if not path.exists():
-        pytest.skip(f"{path} missing: run `make nbval` first")
-    for ext in ("png", "pdf"):
-        assert (path.with_suffix(f".{ext}")).stat().st_size > 0
-    return json.loads(path.read_text())["numbers"]
+numbers = smoke_numbers
 
 
 def test_per_latent_stability():

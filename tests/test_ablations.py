@@ -1,0 +1,101 @@
+"""Ablation statistics (Figures 4, 5, A3): overlap per sweep point, effects with intervals,
+and the L1 calibration used to compare architectures at matched sparsity."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from replication import ablations
+from replication.directions import LatentDirections
+from replication.experiments import FamilySpec
+
+
+def random_directions(n: int, d: int, seed: int, name: str = "") -> LatentDirections:
+    rng = np.random.default_rng(seed)
+    return LatentDirections(rng.standard_normal((n, d)), rng.standard_normal((n, d)), name=name or f"r{seed}")
+
+
+def shuffled(dirs: LatentDirections, seed: int) -> LatentDirections:
+    perm = np.random.default_rng(seed).permutation(len(dirs.encoder))
+    return LatentDirections(dirs.encoder[perm], dirs.decoder[perm], name=f"{dirs.name}-shuffled{seed}")
+
+
+def test_shuffled_copies_are_fully_shared(tmp_data):
+    base = random_directions(64, 16, 0)
+    ov = ablations.family_overlap([base, shuffled(base, 1), shuffled(base, 2)], n_boot=50)
+    assert ov.n_seeds == 3 and len(ov.per_pair["threshold"]) == 3
+    for d in ("threshold", "agree", "decoder"):
+        assert ov.mean(d) == pytest.approx(1.0)
+        assert ov.interval(d) == pytest.approx((1.0, 1.0))
+    assert ov.mean_matched_cos["dec"] == pytest.approx(1.0, abs=1e-5)
+    assert ov.mean_max_cos["enc"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_independent_directions_share_nothing(tmp_data):
+    ov = ablations.family_overlap([random_directions(64, 64, s) for s in range(3)], n_boot=50, l0=4.0)
+    assert ov.mean("threshold") == 0.0
+    # max cosine is never below the Hungarian-matched cosine
+    assert ov.mean_max_cos["dec"] >= ov.mean_matched_cos["dec"] - 1e-6
+    summary = ov.summary()
+    assert summary["l0"] == 4.0 and summary["n_pairs"] == 3
+    frame = ablations.overlap_frame({7: ov}, "size")
+    assert set(frame.definition) == {"threshold", "agree", "decoder", "maxcos"} and (frame["size"] == 7).all()
+
+
+def test_overlap_needs_two_seeds(tmp_data):
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        ablations.family_overlap([random_directions(8, 4, 0)])
+
+
+def half_shared(n: int, shared: int, seed: int) -> list[LatentDirections]:
+    """Two SAEs whose first `shared` latents coincide and the rest are independent."""
+    a = random_directions(n, 64, seed)
+    b = random_directions(n, 64, seed + 100)
+    b.encoder[:shared], b.decoder[:shared] = a.encoder[:shared], a.decoder[:shared]
+    return [a, LatentDirections(b.encoder, b.decoder, name=f"half{seed}")]
+
+
+def test_compare_and_effect_rows(tmp_data):
+    low = ablations.family_overlap(half_shared(64, 8, 0), n_boot=200)
+    high = ablations.family_overlap(half_shared(64, 48, 1), n_boot=200)
+    assert low.mean() == pytest.approx(8 / 64) and high.mean() == pytest.approx(48 / 64)
+    up = ablations.compare_overlaps(low, high)
+    assert up["difference"] == pytest.approx(40 / 64) and up["excludes_zero"] and up["ci95"][0] > 0
+    assert ablations.effect_row("c", "p", up, +1)["holds"] == "yes"
+    assert ablations.effect_row("c", "p", up, -1)["holds"] == "opposite"
+    same = ablations.compare_overlaps(low, low)
+    assert ablations.effect_row("c", "p", same, +1)["holds"].startswith("not resolved")
+    grouped = ablations.compare_overlaps([low, low], [high, low])
+    assert grouped["difference"] == pytest.approx(20 / 64)
+    tr = ablations.trend([1, 2, 3], [low, high, high])
+    assert tr["spearman_rho"] > 0 and tr["first_to_last"]["difference"] == pytest.approx(40 / 64)
+    assert "Spearman" in ablations.effect_row("c", "p", tr, +1)["ours"]
+
+
+def test_next_coefficient_interpolates_a_power_law():
+    def l0(c: float) -> float:
+        return 3.0 * c ** -1.5
+
+    target = 20.0
+    exact = (3.0 / target) ** (1 / 1.5)
+    history = [(c, l0(c)) for c in (0.03, 0.1, 0.3, 1.0)]
+    assert ablations._next_coefficient(history, target) == pytest.approx(exact, rel=1e-9)
+    # extrapolation beyond the grid, and a single measurement (L0 ~ 1 / coefficient)
+    assert ablations._next_coefficient(history[2:], target) == pytest.approx(exact, rel=1e-9)
+    assert ablations._next_coefficient([(0.5, 10.0)], 20.0) == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="positive L0"):
+        ablations._next_coefficient([(0.1, 0.0)], 5.0)
+    assert math.isfinite(ablations._next_coefficient([(0.1, 5.0), (0.2, 9.0)], 7.0))  # wrong slope: safe step
+
+
+def test_sweep_specs_and_sparsity_spec():
+    base = FamilySpec(n_latents=256, k=16, seeds=(0, 1))
+    specs = ablations.sweep_specs(base, "n_latents", [64, 128])
+    assert [s.n_latents for s in specs] == [64, 128] and all(s.k == 16 for s in specs)
+    assert specs[0].training_key() != specs[1].training_key()
+    with pytest.raises(ValueError, match="no field"):
+        ablations.sweep_specs(base, "width", [1])
+    relu = ablations.sparsity_spec(base, "relu", 0.3, seeds=(0,))
+    assert relu.architecture == "relu" and relu.k is None and relu.l1_coefficient == 0.3 and relu.seeds == (0,)

@@ -1,0 +1,76 @@
+"""Invariants of the smoke-profile JSONs of the ablation notebooks 06 (size, k, tokens) and
+07 (layer, model and position, architecture), which `make nbval` writes; a missing JSON fails."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import smoke_numbers
+from replication import paths
+from replication.plotting import load_figure_json
+
+
+def params(name: str) -> dict:
+    return load_figure_json(name, "smoke")["params"]
+
+
+def declared(name: str) -> dict:
+    """The notebook's smoke parameters as the YAML file declares them."""
+    return yaml.safe_load((paths.NOTEBOOKS_DIR / "params" / name / "smoke.yaml").read_text())
+
+
+def check_points(points: list[dict]) -> None:
+    for p in points:
+        for d, s in p["shared"].items():
+            assert 0.0 <= s["mean"] <= 1.0, d
+            assert all(0.0 <= v <= 1.0 for v in s["per_pair"])
+            assert s["mean"] == pytest.approx(np.mean(s["per_pair"]))
+            lo, hi = s["ci95"]
+            assert 0.0 <= lo <= hi <= 1.0
+        assert p["shared"]["agree"]["mean"] <= p["shared"]["threshold"]["mean"] + 1e-12
+        assert p["shared"]["threshold"]["mean"] <= p["shared"]["decoder"]["mean"] + 1e-12
+        for part in ("dec", "enc"):
+            assert p["mean_max_cos"][part] >= p["mean_matched_cos"][part] - 1e-6
+        assert p["n_pairs"] == p["n_seeds"] * (p["n_seeds"] - 1) // 2 and p["n_seeds"] >= 2
+
+
+def test_fig4_sweep_axes_as_declared():
+    name = "06_fig4_size_k_tokens"
+    n, want = smoke_numbers(name), declared(name)
+    sweeps = n["sweeps"]
+    assert sweeps["n_latents"]["values"] == want["size_values"] and len(want["size_values"]) >= 5
+    assert sweeps["k"]["values"] == want["k_values"] and len(want["k_values"]) >= 4
+    family = yaml.safe_load((paths.NOTEBOOKS_DIR / "params" / "family" / "smoke.yaml").read_text())
+    tokens = sweeps["tokens"]["values"]
+    assert tokens[:-1] == family["checkpoint_at_tokens"] and len(tokens) >= 5 and tokens == sorted(tokens)
+    for axis, sweep in sweeps.items():
+        assert len(sweep["points"]) == len(sweep["values"]), axis
+        check_points(sweep["points"])
+    for p, size in zip(sweeps["n_latents"]["points"], want["size_values"]):
+        assert p["n_latents"] == size and p["n_seeds"] == len(want["sweep_seeds"])
+    assert {row["holds"] for row in n["comparison"]} <= {"yes", "opposite", "not resolved (interval includes 0)"}
+
+
+def test_fig5_axes_and_matched_sparsity():
+    name = "07_fig5_layer_model_arch"
+    n, want, p = smoke_numbers(name), declared(name), params(name)
+    sweeps = n["sweeps"]
+    assert sweeps["layer"]["values"] == want["layers"] and len(want["layers"]) >= 6
+    assert min(want["layers"]) == 0 and max(want["layers"]) == 29   # first and last layer of SmolLM2-135M
+    sites = sweeps["site"]["values"]
+    assert len(sites) == 4 and sum("mlp_out" in s for s in sites) == 2 and sum("resid_post" in s for s in sites) == 2
+    assert any(p["second_model"] in s for s in sites)
+    site_points = sweeps["site"]["points"]
+    # the same expansion factor: n_latents / d_model equal for both models (d_model 576 and 640)
+    ratios = {round(pt["n_latents"] / d, 6) for pt, d in zip(site_points, [576, 576, 640, 640])}
+    assert ratios == {p["expansion"]}
+    assert sweeps["architecture"]["values"] == ["topk", *want.get("arch_architectures", p["arch_architectures"])]
+    for sweep in sweeps.values():
+        check_points(sweep["points"])
+    match = n["sparsity_matching"]
+    l0 = match["family_l0"]
+    for arch in p["arch_architectures"]:
+        assert match["calibration"][arch]["within_tolerance"], arch
+        assert abs(l0[arch] / l0["topk"] - 1) <= match["tolerance"], f"{arch} L0 {l0[arch]} vs topk {l0['topk']}"
+    assert match["tolerance"] <= 0.2

@@ -14,7 +14,7 @@ import numpy as np
 
 from .directions import LatentDirections
 from .matching import cosine_matrix, match
-from .stability import random_directions_like
+from .stability import random_directions_like, statistic
 
 
 def matched_cosines(a: LatentDirections, b: LatentDirections, live_a: np.ndarray | None = None,
@@ -87,9 +87,7 @@ def hierarchical_bootstrap(groups: Sequence[np.ndarray], n_boot: int = 1000, ci:
     groups = [np.asarray(g, np.float64).ravel() for g in groups]
     if not groups or any(g.size == 0 for g in groups):
         raise ValueError("hierarchical_bootstrap needs non-empty groups")
-    if stat not in ("median", "mean"):
-        raise ValueError("stat must be 'median' or 'mean'")
-    f = np.median if stat == "median" else np.mean
+    f = statistic(stat)
     rng = np.random.default_rng(seed)
     boots = np.empty(n_boot)
     for b in range(n_boot):

@@ -18,7 +18,6 @@ Stability of the result is judged against *evaluation* seeds that took no part i
 """
 from __future__ import annotations
 
-import copy
 import itertools
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -134,13 +133,8 @@ def fine_tune(sae: TopKSAE, activations: np.ndarray, n_tokens: int, *, batch_siz
                                device=dev, select_dtype=select_dtype)
     data = training.DataConfig(batch_size=batch_size, n_tokens=n_tokens, data_seed=data_seed, input_scale=input_scale,
                                hookpoint="pooled")
-    acts = training._as_array(activations, "activation")
-    d_in, total = training._validate(acts, [cfg], data, None)
-    # the trainer's own member, started from the given weights instead of a fresh init
-    member = training._Member(0, cfg, data, d_in, total, None, "fine-tune")
-    member.sae.load_state_dict(copy.deepcopy(sae.state_dict()))
-    training._run_family(acts, [member], data, total, heldout, None, None, None, None, False)
-    return member.sae, member.result.metrics
+    (result,) = training.train_saes(activations, [cfg], data, heldout=heldout, progress=False, init_from=[sae])
+    return result.sae, result.metrics
 
 
 def stability_against(sae, others: Sequence, threshold: float = DEFAULT_THRESHOLD,

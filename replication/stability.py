@@ -304,6 +304,13 @@ def stacked_histogram(values: np.ndarray, groups: np.ndarray, bins: int | np.nda
 
 
 # --------------------------------------------------------------------------- uncertainty
+def statistic(stat: str):
+    """The numpy reduction a bootstrap summarises: "mean" (a fraction, for booleans) or "median"."""
+    if stat not in ("mean", "median"):
+        raise ValueError(f"stat must be 'mean' or 'median', got {stat!r}")
+    return np.mean if stat == "mean" else np.median
+
+
 def bootstrap_ci(x: np.ndarray, n_boot: int = 1000, ci: float = 0.95, seed: int = 0,
                  stat: str = "mean", chunk: int = 64) -> dict[str, Any]:
     """Percentile bootstrap over latents for the mean (a fraction, for booleans) or the
@@ -311,9 +318,7 @@ def bootstrap_ci(x: np.ndarray, n_boot: int = 1000, ci: float = 0.95, seed: int 
     x = np.asarray(x, dtype=np.float64).ravel()
     if x.size == 0:
         raise ValueError("bootstrap_ci needs a non-empty array")
-    if stat not in ("mean", "median"):
-        raise ValueError("stat must be 'mean' or 'median'")
-    f = np.mean if stat == "mean" else np.median
+    f = statistic(stat)
     rng = np.random.default_rng(seed)
     boots = np.empty(n_boot)
     for s in range(0, n_boot, chunk):

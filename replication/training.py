@@ -25,6 +25,7 @@ uninterrupted run (the batch for step s depends on s alone).
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import math
 import time
@@ -492,6 +493,7 @@ def train_saes(
     save_every_steps: int | None = None,
     save_every_seconds: float | None = 600.0,
     callback: Callable[[int], None] | None = None,
+    init_from: Sequence[Any | None] | None = None,
 ) -> list[TrainResult]:
     """Train every SAE in `configs` on one shared batch stream (each batch is read once).
 
@@ -502,6 +504,8 @@ def train_saes(
     settings match is loaded instead of retrained, and a resume state is continued from;
     a folder holding a different run raises. `heldout` (array) gives the final FVU/L0.
     `callback(step)` runs after every step (monitoring; tests use it to simulate a crash).
+    `init_from` (one SAE or None per config) starts from given weights instead of the seeded
+    initialisation, for fine-tuning; such runs are not cached, so it needs `out_dirs=None`.
     """
     acts = _as_array(activations, "activation")
     if heldout is not None:
@@ -511,6 +515,12 @@ def train_saes(
     d_in, total_steps = _validate(acts, configs, data, paths)
     if heldout is not None and heldout.shape[1] != d_in:
         raise ValueError(f"held-out activation width {heldout.shape[1]} != activation width {d_in}")
+    if init_from is not None:
+        init_from = list(init_from)
+        if len(init_from) != len(configs):
+            raise ValueError(f"{len(init_from)} init_from entries for {len(configs)} configs")
+        if paths is not None:
+            raise ValueError("init_from runs are not cached: pass out_dirs=None")
 
     members: list[_Member] = []
     results: list[TrainResult | None] = [None] * len(configs)
@@ -523,6 +533,8 @@ def train_saes(
                 results[i] = done
                 continue
         member = _Member(i, cfg, data, d_in, total_steps, out_dir, key)
+        if init_from is not None and init_from[i] is not None:
+            member.sae.load_state_dict(copy.deepcopy(init_from[i].state_dict()))
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
             state_path = out_dir / RESUME_FILE

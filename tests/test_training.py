@@ -169,3 +169,19 @@ def test_bf16_selection_trains() -> None:
     exact = train_saes(ACTS, [_topk(0)], DATA, progress=False)[0]
     # near-ties at the k-th latent may be broken differently; the trajectory stays the same
     np.testing.assert_allclose(res.fvu_history, exact.fvu_history, atol=0.01)
+
+
+def test_init_from_continues_from_given_weights(tmp_path) -> None:
+    first = train_saes(ACTS, [_topk(0)], DATA, progress=False)[0]
+    # a different seed started from seed 0's weights ends where seed 0 continued would: the seed
+    # only drives initialisation, and the batch stream is shared
+    cont_a = train_saes(ACTS, [_topk(0)], DATA, progress=False, init_from=[first.sae])[0]
+    cont_b = train_saes(ACTS, [_topk(5)], DATA, progress=False, init_from=[first.sae])[0]
+    _assert_same(_params(cont_a), _params(cont_b))
+    fresh = train_saes(ACTS, [_topk(5)], DATA, progress=False)[0]
+    assert not torch.equal(_params(fresh)["W_dec"], _params(cont_b)["W_dec"])
+    assert cont_b.metrics["fvu"] <= first.metrics["fvu"] + 0.05
+    with pytest.raises(ValueError, match="out_dirs=None"):
+        train_saes(ACTS, [_topk(0)], DATA, out_dirs=[tmp_path / "a"], init_from=[first.sae])
+    with pytest.raises(ValueError, match="init_from entries"):
+        train_saes(ACTS, [_topk(0), _topk(1)], DATA, init_from=[first.sae])

@@ -112,3 +112,21 @@ def test_random_model_family_is_a_chance_baseline(tmp_data, smol_model):
     assert experiments.family_dir(real.spec) != experiments.family_dir(random.spec)
     fractions = matching.shared_fractions(matching.match(real.directions[0], random.directions[0], cache=False))
     assert fractions["threshold"] < 0.1, fractions
+
+
+def test_second_embedded_model_gemma_loads_offline_with_bos(tmp_data):
+    """Gemma-3-270m: TransformerLens config by official name (no download), weights from the package,
+    its BOS at position 0 of every cached window, and its outlier-heavy activations normalised."""
+    gemma = load_model("gemma-3-270m", dtype="float32")
+    assert (gemma.cfg.n_layers, gemma.cfg.d_model, gemma.cfg.default_prepend_bos) == (18, 640, True)
+    tokens = gemma.to_tokens("The capital of France is Paris. The capital of Germany is")
+    assert tokens[0, 0].item() == gemma.tokenizer.bos_token_id
+    assert gemma.tokenizer.decode(gemma(tokens)[0, -1].argmax()).strip() == "Berlin"
+    settings = ActivationSettings(**{**TINY, "model_name": "gemma-3-270m", "store_dtype": "float32",
+                                     "hooks": ("blocks.9.hook_mlp_out", "blocks.9.hook_resid_post")})
+    cache = build_activation_cache(settings, model=gemma, progress=False)
+    assert cache.manifest["model"]["bos_at_position_0"] is True
+    x = np.asarray(cache.train("blocks.9.hook_resid_post"))
+    assert np.isfinite(x).all() and x.shape == (630, 640)
+    scaled = x * cache.input_scale("blocks.9.hook_resid_post")
+    assert np.mean((scaled ** 2).sum(1)) == pytest.approx(640, rel=0.05)

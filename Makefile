@@ -64,7 +64,7 @@ nbval: $(INSTALLED)  ## run every notebook with smoke parameters under nbval (wr
 	    -f notebooks/params/family/smoke.yaml -f notebooks/params/$$nb/smoke.yaml \
 	    notebooks/$$nb.ipynb build/nbval/$$nb.ipynb || exit 1; \
 	done
-	$(PY) -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=900 \
+	$(PY) -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=900 --durations=0 \
 	  --sanitize-with tests/nbval_sanitize.cfg build/nbval
 
 unit: $(INSTALLED)  ## the pytest suite under tests/ (figure tests read the smoke outputs of `make nbval`)

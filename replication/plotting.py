@@ -199,8 +199,9 @@ def overlap_sweep_panel(ax, frame, axis: str, definitions=("threshold", "agree",
         style = DEFINITION_STYLE.get(d, {})
         y = sub.shared.to_numpy()
         err = np.vstack([y - sub.ci_low.to_numpy(), sub.ci_high.to_numpy() - y]).clip(min=0)
-        ax.errorbar(xs + off, y, yerr=err, marker="o", ms=4, capsize=3, label=d, color=style.get("color"),
-                    ls="none" if categorical else style.get("ls", "-"))
+        wide = d == "threshold"   # drawn wide and pale so that `agree` (often identical) stays visible on top
+        ax.errorbar(xs + off, y, yerr=err, marker="o", ms=7 if wide else 4, capsize=3, label=d, color=style.get("color"),
+                    ls="none" if categorical else style.get("ls", "-"), lw=4 if wide else 1.5, alpha=0.45 if wide else 1.0)
         if "per_pair" in sub:
             for x, pairs in zip(xs + off, sub.per_pair):
                 ax.scatter(np.full(len(pairs), x), pairs, s=6, alpha=0.25, color=style.get("color"), lw=0)

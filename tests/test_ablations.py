@@ -67,6 +67,9 @@ def test_compare_and_effect_rows(tmp_data):
     assert ablations.effect_row("c", "p", up, -1)["holds"] == "opposite"
     same = ablations.compare_overlaps(low, low)
     assert ablations.effect_row("c", "p", same, +1)["holds"].startswith("not resolved")
+    assert ablations.effect_row("c", "p", up, 0)["holds"] == "no paper direction: resolved"
+    with pytest.raises(ValueError, match="expected_sign"):
+        ablations.effect_row("c", "p", up, 2)
     grouped = ablations.compare_overlaps([low, low], [high, low])
     assert grouped["difference"] == pytest.approx(20 / 64)
     tr = ablations.trend([1, 2, 3], [low, high, high])

@@ -6,6 +6,16 @@ Rows: the bare TransformerLens forward up to the hooked layer (`stop_at_layer`) 
 bfloat16, and our `build_activation_cache` (bf16 forward, fp16 memmap writes, atomic progress
 file per chunk) on the same number of tokens. The ratio says how close caching runs to the
 forward limit. The target is >= 90%.
+
+Measured on this machine (2 cores, torch 2.13.0+cpu), quiet, 2026-11-23, 128 x 256 tokens, layer 15:
+
+    method                         tokens/s  vs bf16 forward
+    forward fp32                      1,022             41%
+    forward bf16                      2,495            100%
+    cache build bf16 (ours)           2,788            112%
+
+Caching costs nothing measurable over the forward (above 100%: it runs last, on warm caches;
+treat it as ~100%). The bf16 forward is 2.4x the fp32 one, which is why the cache uses it.
 """
 from __future__ import annotations
 

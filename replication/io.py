@@ -45,9 +45,31 @@ def write_bytes_atomic(path: Path | str, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def write_json_atomic(path: Path | str, obj: Any) -> None:
-    """Write `obj` as indented JSON to `path` atomically (numpy scalars/arrays allowed)."""
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
+def write_json_atomic(path: Path | str, obj: Any, strict: bool = False) -> None:
+    """Write `obj` as indented JSON to `path` atomically (numpy scalars/arrays allowed).
+
+    With `strict`, NaN and infinities become `null` so that the file is standard JSON that
+    jq, JavaScript and other strict readers accept (Python's default writes bare `NaN`).
+    """
+    if strict:
+        obj = json_safe(obj)
+    text = json.dumps(obj, indent=2, default=_json_default, allow_nan=not strict)
+    write_bytes_atomic(path, (text + "\n").encode())
+
+
+def json_safe(obj: Any) -> Any:
+    """Return `obj` with numpy values made plain and every non-finite float replaced by None."""
+    if isinstance(obj, dict):
+        return {key: json_safe(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(value) for value in obj]
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
 
 
 def read_json(path: Path | str) -> Any:

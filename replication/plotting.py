@@ -52,7 +52,7 @@ def save_figure(fig, name: str, params: dict[str, Any], numbers: dict[str, Any],
         "params": params,
         "numbers": numbers,
     }
-    write_json_atomic(out / f"{name}.json", payload)
+    write_json_atomic(out / f"{name}.json", payload, strict=True)  # NaN -> null: standard JSON
     written["json"] = out / f"{name}.json"
     return written
 

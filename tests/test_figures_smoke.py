@@ -107,3 +107,29 @@ def test_shuffled_trained_sae_is_fully_shared():
     result = matching.match(dirs, shuffled, cache=False)
     assert np.array_equal(result.dec_partner[perm], np.arange(dirs.n_latents))
     assert all(v == 1.0 for v in matching.shared_fractions(result).values())
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def test_every_figure_json_is_standard_json():
+    """NaN / Infinity are not JSON: figure files must parse in strict readers (jq, JavaScript)."""
+    import json
+
+    files = sorted((paths.FIGURES_DIR / PROFILE).glob("*.json"))
+    assert files, "run `make nbval` first"
+    for path in files:
+        json.loads(path.read_text(), parse_constant=_reject_constant)
+
+
+def test_strict_json_writer_turns_non_finite_into_null(tmp_path):
+    import json
+
+    from replication.io import write_json_atomic
+
+    path = tmp_path / "x.json"
+    write_json_atomic(path, {"a": float("nan"), "b": [np.float32(np.inf), 1.5], "c": np.array([np.nan, 2.0])},
+                      strict=True)
+    assert json.loads(path.read_text(), parse_constant=_reject_constant) == {"a": None, "b": [None, 1.5],
+                                                                             "c": [None, 2.0]}

@@ -63,10 +63,8 @@ def json_safe(obj: Any) -> Any:
         return {key: json_safe(value) for key, value in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [json_safe(value) for value in obj]
-    if isinstance(obj, np.ndarray):
-        return json_safe(obj.tolist())
-    if isinstance(obj, np.generic):
-        obj = obj.item()
+    if isinstance(obj, (np.ndarray, np.generic)):
+        return json_safe(_json_default(obj))        # the one numpy -> Python conversion
     if isinstance(obj, float) and not np.isfinite(obj):
         return None
     return obj

@@ -6,6 +6,7 @@ copy of a trained SAE 100% shared.
 """
 from __future__ import annotations
 
+import json
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import yaml
 
 from conftest import smoke_numbers
 from replication import paths
+from replication.io import write_json_atomic
 
 PROFILE = "smoke"
 FIGURES = ["00_model_and_data", "01_fig1_bimodal_cosine", "02_fig2_kseed_decay", "03_fig3_firing_frequency",
@@ -115,8 +117,6 @@ def _reject_constant(name: str):
 
 def test_every_figure_json_is_standard_json():
     """NaN / Infinity are not JSON: figure files must parse in strict readers (jq, JavaScript)."""
-    import json
-
     files = sorted((paths.FIGURES_DIR / PROFILE).glob("*.json"))
     assert files, "run `make nbval` first"
     for path in files:
@@ -124,10 +124,6 @@ def test_every_figure_json_is_standard_json():
 
 
 def test_strict_json_writer_turns_non_finite_into_null(tmp_path):
-    import json
-
-    from replication.io import write_json_atomic
-
     path = tmp_path / "x.json"
     write_json_atomic(path, {"a": float("nan"), "b": [np.float32(np.inf), 1.5], "c": np.array([np.nan, 2.0])},
                       strict=True)

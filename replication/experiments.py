@@ -17,6 +17,7 @@ import numpy as np
 
 from . import paths
 from .activations import ActivationCache, ActivationSettings, build_activation_cache
+from .devices import resolve_device, resolved_dtypes
 from .directions import LatentDirections
 from .io import settings_key
 
@@ -31,7 +32,7 @@ class FamilySpec:
     n_train_tokens: int = 1_000_000
     n_heldout_tokens: int = 100_000
     seq_len: int = 256
-    model_dtype: str = "bfloat16"
+    model_dtype: str = "auto"             # forward pass: "auto" = bf16 only where native (devices.py), or forced
     corpus_sources: tuple[str, ...] | None = None
     corpus_max_tokens: int | None = None
     random_model: bool = False           # train on the random-initialised control model
@@ -47,16 +48,25 @@ class FamilySpec:
     data_seed: int = 0
     lr: float | None = None              # None: sparsify's 2e-4 / sqrt(n_latents / 2**14), times lr_scale
     lr_scale: float = 1.0                # >1 compensates for runs far shorter than the paper's ~122k steps
-    select_dtype: str | None = None      # "bfloat16": pick the top-k from a bf16 encoder matmul (as sparsify's autocast)
-    device: str = "cpu"
+    select_dtype: str | None = "auto"    # top-k chosen in this dtype (as sparsify's autocast); "auto" as model_dtype
+    device: str = "cpu"                  # "cpu", "cuda[:N]" or "auto" (cuda where visible)
     extra_hooks: tuple[str, ...] = field(default_factory=tuple)  # more hooks cached in the same pass
     checkpoint_at_tokens: tuple[int, ...] = field(default_factory=tuple)  # intermediate checkpoints (tokens ablation)
+
+    def resolved_device(self) -> str:
+        """The device this family computes on (`auto` resolved)."""
+        return resolve_device(self.device)
+
+    def resolved_dtypes(self) -> dict[str, str]:
+        """`{"model": ..., "select": ...}` with `auto` resolved for this machine and device (cache keys use these)."""
+        return resolved_dtypes(self.model_dtype, self.select_dtype, self.resolved_device())
 
     def activation_settings(self) -> ActivationSettings:
         hooks = tuple(dict.fromkeys((self.hook, *self.extra_hooks)))
         return ActivationSettings(
             model_name=self.model_name, hooks=hooks, n_train_tokens=self.n_train_tokens,
-            n_heldout_tokens=self.n_heldout_tokens, seq_len=self.seq_len, model_dtype=self.model_dtype,
+            n_heldout_tokens=self.n_heldout_tokens, seq_len=self.seq_len,
+            model_dtype=self.resolved_dtypes()["model"],
             corpus_sources=tuple(self.corpus_sources) if self.corpus_sources else None,
             corpus_max_tokens=self.corpus_max_tokens, random_init=self.random_model,
             store_dtype=self.store_dtype,
@@ -67,6 +77,8 @@ class FamilySpec:
         d = asdict(self)
         for key in ("seeds", "device", "extra_hooks", "checkpoint_at_tokens", "store_dtype"):
             d.pop(key)  # store_dtype is part of the activations key below
+        d["model_dtype"] = self.resolved_dtypes()["model"]   # resolved: caches of different dtypes never mix
+        d["select_dtype"] = self.resolved_dtypes()["select"]
         d["activations"] = self.activation_settings().key()
         return settings_key(d)
 
@@ -130,6 +142,8 @@ class SeedFamily:
         table = self.training_table()
         return {
             "spec": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.spec).items()},
+            "resolved_dtypes": self.spec.resolved_dtypes(),
+            "resolved_device": self.spec.resolved_device(),
             "d_in": self.cache.d_model,
             "activation_cache": self.cache.folder.name,
             "training": table.to_dict(orient="records"),
@@ -153,7 +167,8 @@ def _train_configs(spec: FamilySpec):
     lr = spec.lr if spec.lr is not None else TrainConfig(n_latents=spec.n_latents).resolved_lr() * spec.lr_scale
     return [
         TrainConfig(architecture=spec.architecture, n_latents=spec.n_latents, k=spec.k, seed=seed, lr=lr,
-                    l1_coefficient=spec.l1_coefficient, select_dtype=spec.select_dtype, device=spec.device,
+                    l1_coefficient=spec.l1_coefficient, select_dtype=spec.resolved_dtypes()["select"],
+                    device=spec.resolved_device(),
                     checkpoint_at_tokens=list(spec.checkpoint_at_tokens))
         for seed in spec.seeds
     ]
@@ -161,7 +176,8 @@ def _train_configs(spec: FamilySpec):
 
 def _stream_key(spec: FamilySpec) -> tuple:
     """Families with equal keys read the same batches and can be trained in one pass."""
-    return (spec.activation_settings().key(), spec.hook, spec.batch_size, spec.n_tokens, spec.data_seed, spec.device)
+    return (spec.activation_settings().key(), spec.hook, spec.batch_size, spec.n_tokens, spec.data_seed,
+            spec.resolved_device())
 
 
 def seed_families(specs: Sequence[FamilySpec], progress: bool = True, model=None) -> list[SeedFamily]:
@@ -188,11 +204,13 @@ def seed_families(specs: Sequence[FamilySpec], progress: bool = True, model=None
         first = specs[indices[0]]
         timings: dict[str, float] = {}
         start = time.time()
-        cache = build_activation_cache(first.activation_settings(), device=first.device, model=model, progress=progress)
+        device = first.resolved_device()
+        cache = build_activation_cache(first.activation_settings(), device=device, model=model, progress=progress)
         timings["activations_s"] = time.time() - start
         hook = first.hook
         data = DataConfig(batch_size=first.batch_size, n_tokens=first.n_tokens, data_seed=first.data_seed,
-                          input_scale=cache.input_scale(hook), hookpoint=hook, activations_hash=cache.content_hash(hook))
+                          input_scale=cache.input_scale(hook), hookpoint=hook, activations_hash=cache.content_hash(hook),
+                          model_dtype=cache.model_dtype)
         configs, out_dirs, owner = [], [], []
         for i in indices:
             root = family_dir(specs[i])
@@ -207,7 +225,7 @@ def seed_families(specs: Sequence[FamilySpec], progress: bool = True, model=None
         for i in indices:
             mine = [r for r, o in zip(results, owner) if o == i]
             start = time.time()
-            firing = np.stack([firing_counts(r.sae, heldout, device=specs[i].device, progress=False) for r in mine])
+            firing = np.stack([firing_counts(r.sae, heldout, device=device, progress=False) for r in mine])
             families[i] = SeedFamily(specs[i], cache, mine, firing, int(heldout.shape[0]),
                                      {**timings, "firing_s": time.time() - start})
     by_identity = dict(zip(unique, families))

@@ -290,10 +290,14 @@ class LocalChatModel:
     """
 
     def __init__(self, model_name: str = "smollm2-135m", device: str | torch.device = "cpu",
-                 dtype: str = "bfloat16", batch_size: int = 16) -> None:
+                 dtype: str = "auto", batch_size: int = 16) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from .devices import resolve_device, resolve_dtype
         from .models import EMBEDDED_MODELS, convert_embedded
+
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device, "llm_dtype")
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {batch_size}")
@@ -470,7 +474,7 @@ class LLMScorer:
 
 
 def make_pipeline(kind: str, model_name: str = "smollm2-135m", device: str | torch.device = "cpu",
-                  dtype: str = "bfloat16", batch_size: int = 16, base_url: str | None = None,
+                  dtype: str = "auto", batch_size: int = 16, base_url: str | None = None,
                   endpoint_model: str | None = None, max_new_tokens: int = 32, n_calibration: int = 0):
     """(explainer, scorer) by name: `lexical`, `local` (embedded chat model) or `openai` (needs URL + model)."""
     if kind == "lexical":

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from . import paths
+from .devices import resolve_device, resolve_dtype
 from .io import atomic_path, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -150,8 +151,11 @@ def load_model(
     """Return a `HookedTransformer` for an embedded model key or a hub model name.
 
     `random_init=True` returns the same architecture with random weights (seeded by
-    `random_seed`), for the random-model control.
+    `random_seed`), for the random-model control. `dtype` "auto" and `device` "auto" are resolved
+    for this machine (`devices.py`: bf16 only where it is native).
     """
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device, "model_dtype")
     from transformer_lens import HookedTransformer
     from transformers import AutoTokenizer
 

@@ -36,8 +36,17 @@ def use_style() -> None:
     plt.rcParams.update(PAPER_STYLE)
 
 
-def save_figure(fig, name: str, params: dict[str, Any], numbers: dict[str, Any], profile: str = "default") -> dict[str, Path]:
-    """Save `fig` as `<name>.png` / `.pdf` and `<name>.json` (params + numbers) under the profile's figures folder."""
+def save_figure(fig, name: str, params: dict[str, Any], numbers: dict[str, Any], profile: str = "default",
+                dtypes: dict[str, str] | None = None) -> dict[str, Path]:
+    """Save `fig` as `<name>.png` / `.pdf` and `<name>.json` (params + numbers) under the profile's figures folder.
+
+    `dtypes` (`devices.resolved_dtypes(model_dtype, select_dtype, device)`) is recorded at
+    `params.resolved_dtypes`, so a reader knows which precision produced the numbers.
+    """
+    if dtypes is not None:
+        if set(dtypes) != {"model", "select"} or "auto" in dtypes.values():
+            raise ValueError(f"dtypes must be resolved {{'model': ..., 'select': ...}}; got {dtypes!r}")
+        params = {**params, "resolved_dtypes": dict(dtypes)}
     out = figures_dir(profile)
     written: dict[str, Path] = {}
     for ext in ("png", "pdf"):

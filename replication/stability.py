@@ -229,6 +229,62 @@ def fit_power_law(k: Sequence[float], y: Sequence[float], p0: Sequence[float] = 
             "n_points": n, "p0": [float(v) for v in p0]}
 
 
+def _curve_from_hist(hist: np.ndarray, n_seeds: int, ks: Sequence[int]) -> np.ndarray:
+    """`kseed_only_in_base` from a histogram of shared-with counts (float64; for resampling)."""
+    s = np.arange(n_seeds)
+    total = hist.sum()
+    return np.array([sum(hist[i] * math.comb(n_seeds - 1 - i, k - 1) for i in s) / (total * math.comb(n_seeds - 1, k - 1))
+                     for k in ks])
+
+
+def offset_evidence(counts: np.ndarray, n_seeds: int, n_boot: int = 1000, seed: int = 0,
+                    ci: float = 0.95) -> dict[str, Any]:
+    """Is there a floor of persistent orphans (the offset c of ``a k^b + c`` in Figure 2)?
+
+    The F-test of `fit_power_law` is not diagnostic: the curve's points are exact, smooth and
+    correlated, so it rejects c = 0 even for a family whose latents are shared independently at
+    random. Two quantities that can say "no" instead, each with a bootstrap interval over base
+    latents (the curve and the fit recomputed per resample, drawn from the histogram of counts):
+
+    - `offset_ci95`: the fitted offset's interval;
+    - `excess_orphans`: the fraction of base latents shared with none of the other N-1 seeds,
+      minus ``(1 - p)^(N-1)``, what independent sharing at the mean pairwise rate p would leave.
+
+    `offset` (the verdict) is True when both intervals lie above 0.
+    """
+    counts = np.asarray(counts).astype(np.int64)
+    if n_seeds < 5:
+        raise ValueError(f"an offset needs at least 4 curve points (5 seeds); got {n_seeds} seeds")
+    ks = list(range(2, n_seeds + 1))
+    hist = np.bincount(counts.ravel(), minlength=n_seeds).astype(np.float64)
+    total = int(hist.sum())
+
+    def stats_of(h: np.ndarray) -> tuple[float, float]:
+        curve = _curve_from_hist(h, n_seeds, ks)
+        fit = fit_power_law(ks, curve)["with_offset"]
+        c = fit["params"]["c"] if fit["ok"] else float("nan")
+        p = float((h * np.arange(n_seeds)).sum() / (h.sum() * (n_seeds - 1)))
+        return c, float(curve[-1] - (1 - p) ** (n_seeds - 1))
+
+    c_hat, excess_hat = stats_of(hist)
+    rng = np.random.default_rng(seed)
+    draws = rng.multinomial(total, hist / total, size=n_boot).astype(np.float64)
+    boot = np.array([stats_of(h) for h in draws])
+    lo, hi = 100 * (1 - ci) / 2, 100 * (1 + ci) / 2
+    c_ci = [float(np.nanpercentile(boot[:, 0], lo)), float(np.nanpercentile(boot[:, 0], hi))]
+    e_ci = [float(np.nanpercentile(boot[:, 1], lo)), float(np.nanpercentile(boot[:, 1], hi))]
+    p_hat = float((hist * np.arange(n_seeds)).sum() / (total * (n_seeds - 1)))
+    return {
+        "offset": _json_float(c_hat), "offset_ci95": c_ci,
+        "orphans_none_shared": float(hist[0] / total),
+        "orphans_expected_if_independent": float((1 - p_hat) ** (n_seeds - 1)),
+        "pairwise_shared_rate": p_hat,
+        "excess_orphans": excess_hat, "excess_orphans_ci95": e_ci,
+        "n_boot": n_boot, "resampled": "base latents (pooled over bases)",
+        "verdict_offset": bool(c_ci[0] > 0 and e_ci[0] > 0),
+    }
+
+
 def power_law(k: np.ndarray, a: float, b: float, c: float = 0.0) -> np.ndarray:
     """``a * k**b + c`` (for drawing fitted curves)."""
     return a * np.power(np.asarray(k, dtype=np.float64), b) + c
@@ -426,11 +482,59 @@ def _gmm_1d(x: np.ndarray, n_components: int, n_iter: int = 500, seed: int = 0) 
             "stds": np.sqrt(var[order]).tolist(), "weights": weights[order].tolist()}
 
 
+DIP_ALPHA = 0.05
+VALLEY_MAX_RATIO = 0.8
+"""A density valley counts when it is below this fraction of the lower of the two peaks beside it."""
+
+
+def kde_modes(x: np.ndarray, grid_size: int = 512) -> dict[str, Any]:
+    """Modes and the deepest valley of a Gaussian KDE (Silverman's bandwidth) on a grid over x's range.
+
+    Returns the mode locations (local maxima holding at least 5% of the top peak's height), and for
+    the two highest modes the valley between them: `valley_ratio` = min density between them / the
+    lower of the two peaks (1 when there is one mode).
+    """
+    from scipy.stats import gaussian_kde
+
+    x = np.asarray(x, np.float64)
+    kde = gaussian_kde(x, bw_method="silverman")
+    grid = np.linspace(x.min(), x.max(), grid_size)
+    dens = kde(grid)
+    inner = (dens[1:-1] > dens[:-2]) & (dens[1:-1] >= dens[2:])
+    peaks = np.nonzero(inner)[0] + 1
+    for end in (0, grid_size - 1):   # a boundary point can be a mode (mass piled at 0 or 1)
+        neighbour = 1 if end == 0 else grid_size - 2
+        if dens[end] > dens[neighbour]:
+            peaks = np.append(peaks, end)
+    peaks = np.sort(peaks[dens[peaks] >= 0.05 * dens.max()])
+    out: dict[str, Any] = {"bandwidth": float(kde.factor * x.std(ddof=1)), "modes": grid[peaks].tolist(),
+                           "n_modes": int(len(peaks)), "valley_ratio": 1.0, "valley_at": None}
+    if len(peaks) >= 2:
+        top = np.sort(peaks[np.argsort(dens[peaks])[-2:]])
+        between = slice(top[0], top[1] + 1)
+        v = top[0] + int(np.argmin(dens[between]))
+        out["valley_ratio"] = float(dens[v] / min(dens[top[0]], dens[top[1]]))
+        out["valley_at"] = float(grid[v])
+    return out
+
+
+def dip_test(x: np.ndarray) -> dict[str, float]:
+    """Hartigan's dip test of unimodality (the `diptest` package; p-value from its tabulated null)."""
+    import diptest
+
+    dip, p_value = diptest.diptest(np.asarray(x, np.float64))
+    return {"dip": float(dip), "p_value": float(p_value), "alpha": DIP_ALPHA}
+
+
 def bimodality(x: np.ndarray) -> dict[str, Any]:
     """Evidence that a similarity distribution has two modes (shared vs orphan latents).
 
-    Two tests: a 2- vs 1-component Gaussian mixture (BIC difference; > 10 is strong evidence
-    for two components) and Sarle's bimodality coefficient (> 5/9 suggests bimodality).
+    The verdict `bimodal` rests on two checks that say "no" on skewed unimodal samples of the same
+    size (beta, gamma, lognormal, uniform; see tests/test_stability.py's calibration): Hartigan's
+    dip test rejects unimodality (p < 0.05), and the KDE has a valley between its two highest
+    modes below 80% of the lower peak. The 1- vs 2-Gaussian ΔBIC and Sarle's coefficient are kept
+    as descriptions only: ΔBIC exceeds 10 for any skewed sample of ~1000 draws, and Sarle's
+    coefficient exceeds 5/9 for a uniform one (`bimodal_old_rule` records that old verdict).
     """
     from scipy import stats
 
@@ -445,6 +549,8 @@ def bimodality(x: np.ndarray) -> dict[str, Any]:
     coefficient = (skew**2 + 1) / (kurt + 3 * (n - 1) ** 2 / ((n - 2) * (n - 3)))
     delta_bic = one["bic"] - two["bic"]
     separated = abs(two["means"][1] - two["means"][0]) > 2 * max(two["stds"]) if len(two["means"]) == 2 else False
+    dip = dip_test(x)
+    modes = kde_modes(x)
     return {
         "n": n,
         "gmm_1": one,
@@ -453,5 +559,8 @@ def bimodality(x: np.ndarray) -> dict[str, Any]:
         "sarle_coefficient": float(coefficient),
         "sarle_threshold": 5 / 9,
         "modes_separated": bool(separated),
-        "bimodal": bool(delta_bic > 10 and coefficient > 5 / 9),
+        "dip_test": dip,
+        "kde": modes,
+        "bimodal_old_rule": bool(delta_bic > 10 and coefficient > 5 / 9),
+        "bimodal": bool(dip["p_value"] < DIP_ALPHA and modes["valley_ratio"] < VALLEY_MAX_RATIO),
     }

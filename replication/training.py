@@ -30,7 +30,7 @@ import hashlib
 import math
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -38,6 +38,8 @@ import numpy as np
 import torch
 
 from .checkpoints import TRAINING_INFO, load_sae, save_sae
+from .devices import resolve_device, resolve_dtype
+from .interrupts import DeferredInterrupts
 from .io import atomic_path, read_json, settings_key
 from .sae import ARCHITECTURES, SAEBase, TopKSAE, _to_dtype, build_sae, topk_loss_and_grads
 
@@ -62,7 +64,9 @@ class TrainConfig:
     `checkpoint_at_tokens` writes extra checkpoints during the run (training-length ablation).
     `d_in` None -> the activation width. `select_dtype` ("bfloat16") picks the TopK latents from a
     bf16 encoder matmul (sparsify trains under bf16 autocast) while values, loss and gradients stay
-    exact in `dtype`; several times faster on CPUs with bf16 instructions, off by default.
+    exact in `dtype`; several times faster where bf16 is native, ~50x slower where it is emulated.
+    "auto" picks bf16 only where it is native (`devices.resolve_dtype`); None means float32.
+    `train_saes` resolves "auto" (and device "auto") before anything is keyed or written.
     """
 
     architecture: str = "topk"
@@ -125,9 +129,12 @@ class DataConfig:
     input_scale: float = 1.0
     hookpoint: str = "layer"
     activations_hash: str = ""
+    model_dtype: str | None = None   # dtype of the forward pass that made the activations (recorded only)
 
     def settings(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out.pop("model_dtype")  # recorded in training.json; the activations hash already tells caches apart
+        return out
 
 
 @dataclass
@@ -414,6 +421,8 @@ class _Member:
             "data_hash": self.data.activations_hash, "settings_key": self.key, "metrics": metrics,
             "data_stream_sha256": stream_hash(self.batch_hashes), "n_batches": len(self.batch_hashes),
             "lr": self.base_lr, "warmup_steps": self.warmup, "total_steps": self.total_steps,
+            "resolved_dtypes": {"model": self.data.model_dtype, "select": self.cfg.select_dtype, "weights": self.cfg.dtype},
+            "device": str(self.device),
         }
 
     def write_checkpoint(self, run_dir: Path, heldout: np.ndarray | None) -> tuple[Path, dict[str, Any]]:
@@ -473,6 +482,15 @@ def _validate(activations: np.ndarray, configs: Sequence[TrainConfig], data: Dat
     return width, total_steps
 
 
+def resolve_config(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with device and `select_dtype` resolved for this machine (`devices`), the weights' dtype checked."""
+    device = resolve_device(cfg.device)
+    if cfg.dtype not in ("float32", "float64"):
+        raise ValueError(f"config {cfg.name or cfg.seed!r}: weights dtype {cfg.dtype!r} is not supported; the SAE's "
+                         f"master weights are 'float32' (or 'float64' for tests); lower precision belongs in select_dtype")
+    return replace(cfg, device=device, select_dtype=resolve_dtype(cfg.select_dtype, device, "select_dtype"))
+
+
 def _family_key(cfg: TrainConfig, data: DataConfig, d_in: int) -> str:
     return settings_key({"train": cfg.settings(), "data": data.settings(), "d_in": d_in})
 
@@ -510,7 +528,7 @@ def train_saes(
     acts = _as_array(activations, "activation")
     if heldout is not None:
         heldout = _as_array(heldout, "held-out activations")
-    configs = list(configs)
+    configs = [resolve_config(c) for c in configs]
     paths = [Path(p) for p in out_dirs] if out_dirs is not None else None
     d_in, total_steps = _validate(acts, configs, data, paths)
     if heldout is not None and heldout.shape[1] != d_in:
@@ -582,68 +600,24 @@ def _run_family(acts: np.ndarray, members: list[_Member], data: DataConfig, tota
     from tqdm.auto import tqdm
 
     stream = BatchStream(acts.shape[0], data.batch_size, data.data_seed)
-    B = data.batch_size
     start = min(m.step for m in members)
     stop = total_steps if max_steps is None else min(total_steps, start + int(max_steps))
-    workspaces: dict[tuple[Any, ...], dict[str, torch.Tensor]] = {}
-    last_save = time.perf_counter()
     bar = tqdm(total=total_steps, initial=start, desc=f"training {len(members)} SAE(s)", disable=not progress,
                unit="step", dynamic_ncols=True)
-    last_postfix = 0.0
-    rate = float("nan")
     try:
-        for s in range(start, stop):
-            t0 = time.perf_counter()
-            active = [m for m in members if m.step == s and not m.finished]
-            if not active:
-                bar.update()
-                continue
-            idx = stream.indices(s)
-            raw = np.asarray(acts[idx])
-            _check_finite(raw, f"at step {s}")
-            h = batch_hash(idx, raw)
-            host = torch.from_numpy(raw)
-            inputs: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
-            for m in active:
-                dkey = (m.device, m.dtype)
-                if dkey not in inputs:
-                    x = host.to(device=m.device, dtype=m.dtype)
-                    if data.input_scale != 1.0:
-                        x = x * data.input_scale
-                    inputs[dkey] = (x, x.var(dim=0, correction=0).sum() * x.shape[0])
-                x, tv = inputs[dkey]
-                # scratch buffers are shared by the SAEs of a family with the same size (steps run in turn)
-                ws = workspaces.setdefault((m.device, m.dtype, m.cfg.n_latents), {})
-                t1 = time.perf_counter()
-                m.train_step(x, tv, ws)
-                m.compute_time += time.perf_counter() - t1
-                m.batch_hashes.append(h)
-            dt = time.perf_counter() - t0
-            for m in active:
-                m.wall_time += dt
-                tokens = m.step * B
-                if m.out_dir is None:
-                    continue
-                for t in sorted(m.cfg.checkpoint_at_tokens):
-                    if tokens - B < t <= tokens:
-                        run_dir = m.out_dir / f"tokens_{t}"
-                        m.write_checkpoint(run_dir, heldout)
-                        m.intermediate[t] = run_dir
-            if callback is not None:
-                callback(s)
-            rate = B / dt if math.isnan(rate) else 0.9 * rate + 0.1 * B / dt
-            now = time.perf_counter()
-            if progress and now - last_postfix > 1.0:
-                bar.set_postfix(tok_s=f"{rate:,.0f}", fvu=f"{np.mean([m.fvu_history[-1] for m in active]):.4f}",
-                                dead=f"{np.mean([m.dead_fraction() for m in active]):.3f}")
-                last_postfix = now
-            bar.update()
-            due_steps = save_every_steps is not None and (s + 1) % save_every_steps == 0
-            due_time = save_every_seconds is not None and now - last_save >= save_every_seconds
-            if (due_steps or due_time) and s + 1 < total_steps:
-                for m in members:
-                    m.save_resume_state()
-                last_save = time.perf_counter()
+        with DeferredInterrupts() as interrupts:
+            _steps(acts, members, data, stream, start, stop, total_steps, heldout, save_every_steps,
+                   save_every_seconds, callback, progress, bar, interrupts)
+    except KeyboardInterrupt as stop_signal:
+        # Ctrl-C / kernel interrupt / SIGTERM (deferred to the end of a step) or a callback that
+        # raised between steps: every SAE is at a step boundary, so its resume state is exact.
+        if not getattr(stop_signal, "forced", False):
+            for m in members:
+                m.save_resume_state()
+            if members[0].out_dir is not None and progress:
+                print(f"interrupted at step {min(m.step for m in members)}: resume state saved; "
+                      f"rerun to continue from there")
+        raise
     finally:
         bar.close()
 
@@ -662,8 +636,73 @@ def _run_family(acts: np.ndarray, members: list[_Member], data: DataConfig, tota
         m.result = m.make_result(metrics, folder)
 
 
+def _steps(acts: np.ndarray, members: list[_Member], data: DataConfig, stream: BatchStream, start: int, stop: int,
+           total_steps: int, heldout: np.ndarray | None, save_every_steps: int | None,
+           save_every_seconds: float | None, callback: Callable[[int], None] | None, progress: bool, bar: Any,
+           interrupts: DeferredInterrupts) -> None:
+    """The step loop of `_run_family`; returns at `stop`, raises KeyboardInterrupt between steps."""
+    B = data.batch_size
+    workspaces: dict[tuple[Any, ...], dict[str, torch.Tensor]] = {}
+    last_save = time.perf_counter()
+    last_postfix = 0.0
+    rate = float("nan")
+    for s in range(start, stop):
+        t0 = time.perf_counter()
+        active = [m for m in members if m.step == s and not m.finished]
+        if not active:
+            bar.update()
+            continue
+        idx = stream.indices(s)
+        raw = np.asarray(acts[idx])
+        _check_finite(raw, f"at step {s}")
+        h = batch_hash(idx, raw)
+        host = torch.from_numpy(raw)
+        inputs: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        for m in active:
+            dkey = (m.device, m.dtype)
+            if dkey not in inputs:
+                x = host.to(device=m.device, dtype=m.dtype)
+                if data.input_scale != 1.0:
+                    x = x * data.input_scale
+                inputs[dkey] = (x, x.var(dim=0, correction=0).sum() * x.shape[0])
+            x, tv = inputs[dkey]
+            # scratch buffers are shared by the SAEs of a family with the same size (steps run in turn)
+            ws = workspaces.setdefault((m.device, m.dtype, m.cfg.n_latents), {})
+            t1 = time.perf_counter()
+            m.train_step(x, tv, ws)
+            m.compute_time += time.perf_counter() - t1
+            m.batch_hashes.append(h)
+        dt = time.perf_counter() - t0
+        for m in active:
+            m.wall_time += dt
+            tokens = m.step * B
+            if m.out_dir is None:
+                continue
+            for t in sorted(m.cfg.checkpoint_at_tokens):
+                if tokens - B < t <= tokens:
+                    run_dir = m.out_dir / f"tokens_{t}"
+                    m.write_checkpoint(run_dir, heldout)
+                    m.intermediate[t] = run_dir
+        if callback is not None:
+            callback(s)
+        rate = B / dt if math.isnan(rate) else 0.9 * rate + 0.1 * B / dt
+        now = time.perf_counter()
+        if progress and now - last_postfix > 1.0:
+            bar.set_postfix(tok_s=f"{rate:,.0f}", fvu=f"{np.mean([m.fvu_history[-1] for m in active]):.4f}",
+                            dead=f"{np.mean([m.dead_fraction() for m in active]):.3f}")
+            last_postfix = now
+        bar.update()
+        due_steps = save_every_steps is not None and (s + 1) % save_every_steps == 0
+        due_time = save_every_seconds is not None and now - last_save >= save_every_seconds
+        if (due_steps or due_time) and s + 1 < total_steps:
+            for m in members:
+                m.save_resume_state()
+            last_save = time.perf_counter()
+        interrupts.check()
+
+
 __all__ = [
     "TrainConfig", "DataConfig", "TrainResult", "BatchStream", "train_saes", "evaluate_sae", "batch_hash",
-    "stream_hash", "PAPER_WARMUP_FRACTION",
+    "stream_hash", "resolve_config", "PAPER_WARMUP_FRACTION",
 ]
 

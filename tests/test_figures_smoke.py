@@ -66,6 +66,43 @@ def test_fig2_kseed_curve_is_exact_shape():
     assert n["fit_with_offset"] is not None and n["fit_without_offset"] is not None
 
 
+def _smoke_family(figure: str):
+    from replication import experiments
+
+    spec = experiments.FamilySpec.from_params(numbers(figure)["family"]["spec"])
+    return experiments.seed_family(spec, progress=False)
+
+
+def test_fig1_dip_test_matches_an_independent_computation():
+    """The JSON's dip-test p-value equals diptest called directly on the matched cosines of the pair."""
+    import diptest
+
+    n = numbers("01_fig1_bimodal_cosine")
+    family = _smoke_family("01_fig1_bimodal_cosine")
+    i, j = (family.spec.seeds.index(s) for s in n["pair"])
+    res = family.matching.result(i, j)
+    mean_cos = 0.5 * (np.asarray(res.dec_cos, np.float64) + np.asarray(res.enc_cos, np.float64))
+    dip, p_value = diptest.diptest(mean_cos)
+    assert n["bimodality"]["dip_test"]["p_value"] == pytest.approx(p_value, abs=1e-12)
+    assert n["bimodality"]["dip_test"]["dip"] == pytest.approx(dip, abs=1e-12)
+
+
+def test_fig2_offset_interval_and_orphans_from_the_counts():
+    """offset_ci95 brackets the fitted offset; the none-shared fraction equals the curve at k = N, and the
+    independence baseline is (1 - mean pairwise rate)^(N-1), recomputed here from the matchings."""
+    n = numbers("02_fig2_kseed_decay")
+    ev = n["offset_evidence"]
+    lo, hi = n["offset_ci95"]
+    assert lo <= ev["offset"] <= hi
+    assert ev["orphans_none_shared"] == pytest.approx(n["only_in_base"][-1], abs=1e-12)
+    family = _smoke_family("02_fig2_kseed_decay")
+    counts = family.matching.shared_counts(n["definition"], 0.7)
+    n_seeds = counts.shape[0]
+    rate = counts.mean() / (n_seeds - 1)
+    assert ev["orphans_expected_if_independent"] == pytest.approx((1 - rate) ** (n_seeds - 1), abs=1e-12)
+    assert ev["verdict_offset"] == (lo > 0 and ev["excess_orphans_ci95"][0] > 0)
+
+
 def test_fig3_groups_cover_live_latents():
     n = numbers("03_fig3_firing_frequency")
     n_other = len(family_params()["seeds"]) - 1
@@ -129,3 +166,29 @@ def test_strict_json_writer_turns_non_finite_into_null(tmp_path):
                       strict=True)
     assert json.loads(path.read_text(), parse_constant=_reject_constant) == {"a": None, "b": [None, 1.5],
                                                                              "c": [None, 2.0]}
+
+
+ALL_FIGURES = sorted(p.stem for p in paths.NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
+
+
+@pytest.mark.parametrize("name", ALL_FIGURES)
+def test_figure_json_names_its_resolved_dtypes(name):
+    """params.resolved_dtypes agrees with the family's own record, the activation cache's manifest and
+    the checkpoints' training.json: three places written by different code."""
+    from replication import experiments
+    from replication.activations import ActivationCache
+    from replication.plotting import load_figure_json
+
+    smoke_numbers(name)
+    saved = load_figure_json(name, PROFILE)
+    dtypes = saved["params"]["resolved_dtypes"]
+    assert set(dtypes) == {"model", "select"} and set(dtypes.values()) <= {"float32", "bfloat16"}
+    family = saved["numbers"].get("family")
+    if not isinstance(family, dict) or "spec" not in family:
+        return
+    assert family["resolved_dtypes"] == dtypes
+    manifest = ActivationCache.open(paths.ACTIVATIONS_DIR / family["activation_cache"], verify=False).manifest
+    assert manifest["resolved_dtypes"]["model"] == dtypes["model"] == manifest["settings"]["model_dtype"]
+    spec = experiments.FamilySpec.from_params(family["spec"])
+    info = json.loads((experiments.family_dir(spec) / f"seed{spec.seeds[0]}" / spec.hook / "training.json").read_text())
+    assert info["resolved_dtypes"] == {"model": dtypes["model"], "select": dtypes["select"], "weights": "float32"}

@@ -1,13 +1,16 @@
 """Foundation: embedded model, corpus, activation cache (resume, checksums, clear errors)."""
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import warnings
 
 import numpy as np
 import pytest
 
 from replication import activations, corpus, paths
+from replication.io import read_json
 from replication.activations import ActivationCache, ActivationSettings, build_activation_cache
 from replication.models import ModelNotFoundError, load_model, next_token_loss
 
@@ -56,6 +59,29 @@ def test_activation_cache_resumes_byte_identical(tmp_data, smol_model, tmp_path,
             assert a.shape == (settings.n_train_tokens if split == "train" else settings.n_heldout_tokens, 576)
             assert np.array_equal(np.asarray(a), np.asarray(b))
             assert np.abs(np.asarray(a, dtype=np.float32)).max() > 0
+    assert resumed.manifest["files"] == straight.manifest["files"]
+
+
+@pytest.mark.parametrize("how", ["keyboard", "sigterm"])
+def test_interrupted_cache_keeps_every_finished_chunk(tmp_data, smol_model, tmp_path, monkeypatch, how):
+    """Ctrl-C raised between chunks, or SIGTERM mid-chunk, stops with every finished chunk recorded;
+    the resumed cache is byte-identical to an uninterrupted one, and the manifest names the dtype."""
+    settings = ActivationSettings(**TINY)
+
+    def stop(n_chunks: int) -> None:
+        if n_chunks == 3:
+            if how == "keyboard":
+                raise KeyboardInterrupt("kernel interrupt")
+            os.kill(os.getpid(), signal.SIGTERM)   # deferred: acted on after this chunk is saved
+
+    with pytest.raises(KeyboardInterrupt):
+        build_activation_cache(settings, model=smol_model, progress=False, callback=stop)
+    folder = activations.cache_folder(settings)
+    assert read_json(folder / "progress.json")["done"] == {"train": 3}
+    resumed = build_activation_cache(settings, model=smol_model, progress=False)
+    assert resumed.manifest["resolved_dtypes"] == {"model": "float32"} and resumed.model_dtype == "float32"
+    monkeypatch.setattr(paths, "ACTIVATIONS_DIR", tmp_path / "straight")
+    straight = build_activation_cache(settings, model=smol_model, progress=False)
     assert resumed.manifest["files"] == straight.manifest["files"]
 
 

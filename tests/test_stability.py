@@ -239,3 +239,77 @@ def test_power_law_fit_reports_failure_instead_of_raising():
     assert out["f_test"]["p_value"] is None
     good = fit_power_law([2, 3, 4, 5, 6, 7, 8, 9], [0.3 * k ** -0.5 + 0.2 for k in range(2, 10)])
     assert good["with_offset"]["ok"] and abs(good["with_offset"]["params"]["c"] - 0.2) < 1e-3
+
+
+# ------------------------------------------------------------------ calibration: verdicts that can say "no"
+def _skewed_and_flat_nulls(name: str, rng: np.random.Generator, n: int = 1024) -> np.ndarray:
+    return {"beta(2,5)": lambda: rng.beta(2, 5, n), "gamma(2)": lambda: rng.gamma(2.0, 1.0, n),
+            "lognormal(0,0.5)": lambda: rng.lognormal(0.0, 0.5, n), "uniform": lambda: rng.uniform(size=n)}[name]()
+
+
+@pytest.mark.parametrize("null", ["beta(2,5)", "gamma(2)", "lognormal(0,0.5)", "uniform"])
+def test_bimodality_verdict_says_no_on_unimodal_nulls(null) -> None:
+    """Unimodal samples of Figure 1's size are called bimodal at most 1 time in 20 (the dip test's level).
+    The old ΔBIC+Sarle rule fails this on the uniform null, so this test tells the two rules apart."""
+    from replication.stability import bimodality
+
+    draws = [bimodality(_skewed_and_flat_nulls(null, np.random.default_rng(seed))) for seed in range(20)]
+    assert np.mean([d["bimodal"] for d in draws]) <= 0.05, null
+    if null == "uniform":
+        # the old verdict would not pass this test: proof that the calibration can fail
+        assert np.mean([d["bimodal_old_rule"] for d in draws]) > 0.05
+
+
+def test_bimodality_verdict_says_yes_on_two_modes() -> None:
+    from replication.stability import bimodality
+
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        x = np.r_[rng.normal(0.3, 0.1, 620), rng.normal(0.75, 0.08, 404)]
+        out = bimodality(x)
+        assert out["bimodal"] and out["dip_test"]["p_value"] < 0.05 and out["kde"]["n_modes"] >= 2
+
+
+def _family_counts(rng: np.random.Generator, n_seeds: int = 9, n_latents: int = 1024, p: float = 0.34,
+                   orphan_floor: float = 0.0) -> np.ndarray:
+    """counts[b, l]: other seeds latent l of base b is shared with; a planted floor never shares."""
+    shared = rng.random((n_seeds, n_latents, n_seeds - 1)) < p
+    if orphan_floor:
+        shared &= ~(rng.random((n_seeds, n_latents)) < orphan_floor)[..., None]
+    return shared.sum(-1)
+
+
+def test_offset_verdict_says_no_when_latents_are_shared_independently() -> None:
+    """The issue's null: each latent shared with each other seed independently (p = 0.34). The F-test
+    calls the offset significant; the bootstrap/orphan verdict must not."""
+    from replication.stability import fit_power_law, kseed_only_in_base, offset_evidence
+
+    for seed in range(5):
+        counts = _family_counts(np.random.default_rng(seed))
+        curve = kseed_only_in_base(counts, 9)
+        old = fit_power_law(list(curve), list(curve.values()))
+        assert old["f_test"]["p_value"] < 0.05            # the old, non-diagnostic verdict says "offset"
+        new = offset_evidence(counts, 9, n_boot=200, seed=seed)
+        assert not new["verdict_offset"]
+        assert new["offset_ci95"][0] < 0 or new["excess_orphans_ci95"][0] <= 0
+        lo, hi = new["excess_orphans_ci95"]
+        assert lo <= 0.0 <= hi                             # no orphans beyond independence, within the interval
+
+
+def test_offset_verdict_says_yes_with_a_floor_of_persistent_orphans() -> None:
+    from replication.stability import offset_evidence
+
+    counts = _family_counts(np.random.default_rng(1), p=0.7, orphan_floor=0.3)
+    out = offset_evidence(counts, 9, n_boot=200)
+    assert out["verdict_offset"]
+    assert out["offset_ci95"][0] > 0.2 and abs(out["orphans_none_shared"] - 0.3) < 0.05
+
+
+def test_offset_interval_is_independent_of_the_fit_route() -> None:
+    """The histogram route used for resampling equals the exact integer curve."""
+    from replication.stability import _curve_from_hist, kseed_only_in_base
+
+    counts = _family_counts(np.random.default_rng(2))
+    exact = kseed_only_in_base(counts, 9)
+    hist = np.bincount(counts.ravel(), minlength=9).astype(float)
+    np.testing.assert_allclose(_curve_from_hist(hist, 9, list(exact)), list(exact.values()), rtol=1e-12)

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
 import torch
 
 from replication.checkpoints import load_sae
+from replication.interrupts import Interrupted
 from replication.training import (
     BatchStream, DataConfig, TrainConfig, _lr_factor, evaluate_sae, train_saes,
 )
@@ -135,10 +138,50 @@ def test_resume_after_crash_is_bit_identical(tmp_path) -> None:
     with pytest.raises(KeyboardInterrupt):
         train_saes(ACTS, cfg, DATA, out_dirs=[tmp_path], progress=False, save_every_steps=5, callback=crash)
     state = torch.load(tmp_path / "resume_state.pt", weights_only=True)
-    assert state["step"] == 10
+    # the interrupt saved the state of the step it followed (14 steps done), not the periodic one (10)
+    assert state["step"] == 14
     resumed = train_saes(ACTS, cfg, DATA, out_dirs=[tmp_path], progress=False)[0]
     _assert_same(_params(straight), _params(resumed))
     assert straight.fvu_history == resumed.fvu_history
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_resume_state_and_resume_is_exact(tmp_path, signum) -> None:
+    """A SIGTERM or Ctrl-C (Jupyter's kernel interrupt) mid-run stops at the end of the current step
+    with the resume state written, even with periodic saves off; the resumed run is bit-identical."""
+    cfgs = [_topk(0), _topk(1)]
+    straight = train_saes(ACTS, cfgs, DATA, progress=False)
+    dirs = [tmp_path / "s0", tmp_path / "s1"]
+    previous = signal.getsignal(signum)
+
+    def kill(step: int) -> None:
+        if step == 6:
+            os.kill(os.getpid(), signum)   # delivered now; acted on once the step's bookkeeping is done
+
+    with pytest.raises(KeyboardInterrupt, match=signal.Signals(signum).name):
+        train_saes(ACTS, cfgs, DATA, out_dirs=dirs, progress=False, save_every_steps=None, save_every_seconds=None,
+                   callback=kill)
+    assert signal.getsignal(signum) is previous          # the handler in force before is restored
+    for d in dirs:
+        assert torch.load(d / "resume_state.pt", weights_only=True)["step"] == 7
+    resumed = train_saes(ACTS, cfgs, DATA, out_dirs=dirs, progress=False)
+    for a, b in zip(straight, resumed):
+        _assert_same(_params(a), _params(b))
+        assert a.fvu_history == b.fvu_history
+
+
+def test_second_signal_stops_at_once_without_saving(tmp_path) -> None:
+    """Two signals in one step: the second cannot wait, and nothing (possibly torn) is saved."""
+    def kill_twice(step: int) -> None:
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Interrupted) as info:
+        train_saes(ACTS, [_topk(0)], DATA, out_dirs=[tmp_path], progress=False, save_every_steps=None,
+                   save_every_seconds=None, callback=kill_twice)
+    assert info.value.forced
+    assert not (tmp_path / "resume_state.pt").exists()
 
 
 def test_out_dir_of_a_different_run_is_refused(tmp_path) -> None:

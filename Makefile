@@ -30,7 +30,7 @@ EXECUTED  := build/executed/$(PROFILE)
 STAMPS    := $(addprefix $(EXECUTED)/,$(addsuffix .ipynb,$(NAMES)))
 LIBRARY   := $(wildcard replication/*.py)
 
-.PHONY: help venv figures test unit nbval bench corpus-sources clean-build
+.PHONY: help venv figures test unit nbval bench corpus-sources clean-build example-report
 .DEFAULT_GOAL := help
 
 help:  ## list targets
@@ -43,7 +43,7 @@ venv: $(INSTALLED)  ## create .venv and install the project and its pinned depen
 $(INSTALLED): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q -e '.[clients]'   # + eai-sparsify and sae-lens, for tests/test_clients.py (the real clients)
 	$(PY) -m pip install -q --no-deps $(EMBEDDED)
 	@touch $@
 
@@ -88,6 +88,9 @@ bench: $(INSTALLED)  ## speed/memory benchmarks (prints ratios measured in one r
 	$(PY) bench/bench_training.py
 	$(PY) bench/bench_matching.py
 	$(PY) bench/bench_activations.py
+
+example-report: $(INSTALLED)  ## figures/examples/: core-family seeds 0 and 1 exported to the SAELens layout, read back and compared
+	$(PY) -m replication example $(PROFILE) --out figures/examples/core_seed0_seed1
 
 clean-build:  ## forget executed notebooks (figures are rebuilt on the next `make figures`)
 	rm -rf build

@@ -12,9 +12,17 @@ Layout written (SPEC section 6)::
 Every file is written atomically. `load_sae` verifies the sha256 recorded in training.json
 (when there is one: third-party sparsify folders have none). `load_directions` reads any of
 the three libraries' layouts and always returns rows = latents.
+
+`load_sae` also reads SAELens and dictionary_learning folders as whole SAEs, and
+`sae_from_object` converts in-memory SAEs of those libraries (`sae_from_state_dict`: orientation
+by shape, b_dec folded where a library does not subtract it). Corrupt files and NaN weights are
+refused with the file's name. `export_sae` writes a checkpoint that sparsify's
+`SparseCoder.load_from_disk` or SAELens' `SAE.load_from_disk` reads, with our `input_scale`
+folded into the weights (`fold_input_scale`), because both libraries drop that key.
 """
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from pathlib import Path
@@ -153,18 +161,31 @@ def _read_sparsify_cfg(folder: Path) -> dict[str, Any]:
 
 
 def load_sae(path: Path | str, device: str | torch.device = "cpu", *, verify: bool = True) -> SAEBase:
-    """Load a sparsify-layout SAE (ours or EleutherAI's) as one of the `sae` module classes.
+    """Load an SAE folder of any of the three layouts as one of the `sae` module classes.
 
-    dtype comes from the file; the checksum in training.json is checked when `verify`.
+    sparsify (ours or EleutherAI's): dtype from the file, the checksum in training.json checked
+    when `verify`. SAELens and dictionary_learning: converted by `sae_from_state_dict`, so that
+    `encode`/`decode` equal the writing library's (their FVU and firing counts can be measured).
+    Non-finite weights are refused with a message naming the file and tensors.
     """
     layout, folder = detect_layout(path)
-    if layout != "sparsify":
-        raise ValueError(f"load_sae reads the sparsify layout; {folder} is {layout} (use load_directions)")
+    if layout == "saelens":
+        cfg_path = folder / SPARSIFY_CFG
+        cfg = read_json(cfg_path) if cfg_path.exists() else {}
+        tensors = _read_safetensors(folder / SAELENS_WEIGHTS)
+        _check_finite(tensors, folder / SAELENS_WEIGHTS)
+        return sae_from_state_dict(tensors, cfg, source="saelens", what=str(folder / SAELENS_WEIGHTS)).to(device)
+    if layout == "dictionary_learning":
+        state, cfg = _read_dictlearn(folder)
+        _check_finite(state, folder / DICTLEARN_WEIGHTS)
+        return sae_from_state_dict(state, cfg, source="dictionary_learning",
+                                   what=str(folder / DICTLEARN_WEIGHTS)).to(device)
     if verify:
         verify_checksum(folder)
     cfg = _read_sparsify_cfg(folder)
     weights_path = folder / SPARSIFY_WEIGHTS
     tensors = _read_safetensors(weights_path)
+    _check_finite(tensors, weights_path)
     if cfg.get("skip_connection") or cfg.get("transcode") or "W_skip" in tensors:
         raise NotImplementedError(f"{folder}: sparsify skip connections / transcoders are not supported by load_sae "
                                   f"(load_directions still reads their directions)")
@@ -243,15 +264,7 @@ def load_directions(path: Path | str, name: str | None = None) -> LatentDirectio
         meta.update({"architecture": cfg.get("architecture", "standard"), "k": cfg.get("k")})
     else:
         weights = folder / DICTLEARN_WEIGHTS
-        cfg_path = folder / DICTLEARN_CFG
-        cfg = read_json(cfg_path) if cfg_path.exists() else {}
-        trainer = cfg.get("trainer", cfg) if isinstance(cfg, dict) else {}
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ValueError(f"cannot read {weights}: {err}") from err
-        if not isinstance(state, dict):
-            raise ValueError(f"{weights}: expected a state dict, got {type(state).__name__}")
+        state, trainer = _read_dictlearn(folder)
         d_in, n = trainer.get("activation_dim"), trainer.get("dict_size")
         if "encoder.weight" in state and "decoder.weight" in state:
             encoder = _rows(state["encoder.weight"], n, d_in, columns=False, what=f"{weights} encoder.weight")
@@ -264,5 +277,303 @@ def load_directions(path: Path | str, name: str | None = None) -> LatentDirectio
         meta.update({"architecture": trainer.get("dict_class", "dictionary_learning"), "k": trainer.get("k")})
     if encoder.shape != decoder.shape:
         raise ValueError(f"{folder}: encoder {encoder.shape} and decoder {decoder.shape} directions disagree")
+    _check_finite({"encoder directions": encoder, "decoder directions": decoder}, folder)
     meta.update({"d_in": int(encoder.shape[1]), "n_latents": int(encoder.shape[0])})
     return LatentDirections(encoder, decoder, name=display, meta=meta)
+
+
+# ----------------------------------------------------------------------------------------------
+# whole SAEs from other libraries' tensors (SAELens, dictionary_learning, in-memory objects)
+# ----------------------------------------------------------------------------------------------
+def _check_finite(tensors: dict[str, Any], where: Path | str) -> None:
+    """Refuse NaN / infinite weights with a message naming `where` and each bad tensor."""
+    bad = []
+    for name, value in tensors.items():
+        arr = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+        if arr.is_floating_point() and arr.numel() and not bool(torch.isfinite(arr).all()):
+            bad.append(f"{name} ({int((~torch.isfinite(arr)).sum())} of {arr.numel()} values)")
+    if bad:
+        raise ValueError(f"{where}: NaN or infinite weights in {', '.join(bad)}; the checkpoint is unusable "
+                         f"(training diverged or the file was damaged)")
+
+
+def _read_dictlearn(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict of ae.pt, trainer config of config.json or {}) of a dictionary_learning folder."""
+    weights = folder / DICTLEARN_WEIGHTS
+    cfg_path = folder / DICTLEARN_CFG
+    cfg = read_json(cfg_path) if cfg_path.exists() else {}
+    trainer = cfg.get("trainer", cfg) if isinstance(cfg, dict) else {}
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"cannot read {weights}: corrupt or not a torch state dict ({err})") from err
+    if not isinstance(state, dict):
+        raise ValueError(f"{weights}: expected a state dict, got {type(state).__name__}")
+    return state, trainer
+
+
+def _input_width(tensors: dict[str, torch.Tensor], cfg: dict[str, Any], what: str) -> int:
+    """d_in from the decoder bias (its only 1-D tensor of input width), else from the config."""
+    for name in ("b_dec", "bias", "decoder_bias", "decoder.bias"):
+        if name in tensors and tensors[name].ndim == 1:
+            return int(tensors[name].shape[0])
+    for key in ("d_in", "activation_dim"):
+        if cfg.get(key):
+            return int(cfg[key])
+    raise ValueError(f"{what}: cannot tell the input width (no b_dec / bias tensor and no d_in in the config)")
+
+
+def _orient(matrix: torch.Tensor, d_in: int, *, columns: bool, what: str) -> torch.Tensor:
+    """`matrix` as `[n_latents, d_in]`, decided by shape (the axis of length d_in is the input);
+    `columns` (the library's convention) only settles square matrices."""
+    if matrix.ndim != 2:
+        raise ValueError(f"{what}: expected a 2-D weight, got shape {tuple(matrix.shape)}")
+    rows_fit, cols_fit = matrix.shape[1] == d_in, matrix.shape[0] == d_in
+    if rows_fit and cols_fit:
+        return (matrix.T if columns else matrix).contiguous()
+    if rows_fit:
+        return matrix.contiguous()
+    if cols_fit:
+        return matrix.T.contiguous()
+    raise ValueError(f"{what}: shape {tuple(matrix.shape)} has no axis of the input width {d_in}")
+
+
+def _as_tensors(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {name: (value.detach().cpu() if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value)))
+            for name, value in state.items()}
+
+
+def sae_from_state_dict(state: dict[str, Any], cfg: dict[str, Any] | None = None, *, source: str | None = None,
+                        what: str = "state dict") -> SAEBase:
+    """Our SAE class whose `encode`/`decode` equal those of a sparsify, SAELens or dictionary_learning SAE.
+
+    `state` is the library's state dict (tensor names as the library writes them); `cfg` its
+    config (SAELens cfg.json, dictionary_learning's trainer config) for k and flags. `source`
+    ("sparsify", "saelens", "dictionary_learning") is guessed from the tensor names when None.
+    Orientation is decided by shape against the decoder bias's width; the library convention
+    only settles square matrices. Where a library does not subtract `b_dec` before encoding,
+    `W_enc b_dec` is folded into the encoder bias (same pre-activations, our equations).
+    """
+    cfg = dict(cfg or {})
+    t = _as_tensors(state)
+    _check_finite(t, what)
+    if source is None:
+        if "W_enc" in t:
+            source = "saelens"                      # also dictionary_learning's JumpReluAutoEncoder
+        elif "encoder.weight" in t and "W_dec" in t:
+            source = "sparsify"
+        elif "encoder.weight" in t and "decoder.weight" in t:
+            source = "dictionary_learning"
+        else:
+            raise ValueError(f"{what}: tensors {sorted(t)} match no known SAE (expected W_enc/W_dec, "
+                             f"encoder.weight/W_dec or encoder.weight/decoder.weight)")
+    d_in = _input_width(t, cfg, what)
+    dtype = t["W_dec"].dtype if "W_dec" in t else t["decoder.weight"].dtype
+    folded = False                                  # True: b_dec is not subtracted before encoding
+    extra: dict[str, torch.Tensor] = {}
+    k = None
+    if source == "sparsify":
+        if "W_skip" in t or cfg.get("skip_connection") or cfg.get("transcode"):
+            raise NotImplementedError(f"{what}: sparsify skip connections / transcoders are not supported")
+        enc = _orient(t["encoder.weight"], d_in, columns=False, what=f"{what} encoder.weight")
+        dec = _orient(t["W_dec"], d_in, columns=False, what=f"{what} W_dec")
+        b_enc, b_dec = t["encoder.bias"], t["b_dec"]
+        architecture, k = "topk", cfg.get("k")
+    elif "W_enc" in t:                              # SAELens (and dictionary_learning JumpReLU)
+        enc = _orient(t["W_enc"], d_in, columns=True, what=f"{what} W_enc")
+        dec = _orient(t["W_dec"], d_in, columns=False, what=f"{what} W_dec")
+        b_dec = t["b_dec"]
+        arch = str(cfg.get("architecture") or "").lower()
+        if source == "saelens":
+            folded = not cfg.get("apply_b_dec_to_input", True)
+            norm = cfg.get("normalize_activations", "none")
+            if norm not in (None, "none"):
+                raise NotImplementedError(f"{what}: SAELens normalize_activations={norm!r} is not supported "
+                                          f"(fold the scaling factor into the weights first)")
+        else:
+            folded = not cfg.get("apply_b_dec_to_input", False)   # dictionary_learning's default
+        if "b_gate" in t or arch == "gated":
+            architecture = "gated"
+            extra = {"b_gate": t["b_gate"], "b_mag": t["b_mag"], "r_mag": t["r_mag"]}
+            b_enc = None
+        elif "threshold" in t or "log_threshold" in t or arch == "jumprelu":
+            architecture = "jumprelu"
+            log_t = t["log_threshold"] if "log_threshold" in t else \
+                torch.log(t["threshold"].clamp_min(torch.finfo(t["threshold"].dtype).tiny))
+            extra = {"log_threshold": log_t}
+            b_enc = t["b_enc"]
+        elif arch == "topk" or cfg.get("k"):
+            architecture, k = "topk", cfg.get("k")
+            b_enc = t["b_enc"]
+        elif arch in ("", "standard", "relu"):
+            architecture, b_enc = "relu", t["b_enc"]
+        else:
+            raise NotImplementedError(f"{what}: SAELens architecture {arch!r} is not supported "
+                                      f"(supported: standard, topk, gated, jumprelu)")
+    else:                                           # dictionary_learning: decoder.weight is [d_in, n]
+        enc = _orient(t["encoder.weight"], d_in, columns=False, what=f"{what} encoder.weight")
+        dec = _orient(t["decoder.weight"], d_in, columns=True, what=f"{what} decoder.weight")
+        dict_class = str(cfg.get("dict_class") or "")
+        if "gate_bias" in t:
+            architecture, b_enc, b_dec = "gated", None, t["decoder_bias"]
+            extra = {"b_gate": t["gate_bias"], "b_mag": t["mag_bias"], "r_mag": t["r_mag"]}
+        elif "b_dec" in t:                          # AutoEncoderTopK / BatchTopKSAE
+            b_enc, b_dec = t["encoder.bias"], t["b_dec"]
+            k_value = t["k"] if "k" in t else cfg.get("k")
+            if "BatchTopK" in dict_class:
+                # inference uses one global threshold on the post-ReLU activations
+                if "threshold" not in t or float(t["threshold"]) < 0:
+                    raise NotImplementedError(f"{what}: a BatchTopKSAE without a fitted threshold is not supported")
+                architecture = "jumprelu"
+                thr = torch.full_like(b_enc, float(t["threshold"])).clamp_min(torch.finfo(b_enc.dtype).tiny)
+                extra = {"log_threshold": torch.log(thr)}
+            else:
+                architecture, k = "topk", int(k_value) if k_value is not None else None
+        elif "bias" in t:                           # AutoEncoder: x - bias before encoding
+            architecture, b_enc, b_dec = "relu", t["encoder.bias"], t["bias"]
+        elif "decoder.bias" in t:                   # AutoEncoderNew: no pre-encoder bias
+            architecture, b_enc, b_dec, folded = "relu", t["encoder.bias"], t["decoder.bias"], True
+        else:
+            raise ValueError(f"{what}: dictionary_learning tensors {sorted(t)} match no known dictionary class")
+    if architecture == "topk" and not k:
+        raise ValueError(f"{what}: a TopK SAE needs k; none in the tensors or the config")
+    if architecture == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
+        # SAELens TopK option: pre-activations times decoder norms, decoder rows divided by them
+        norms = dec.norm(dim=1).clamp_min(1e-8)
+        enc, dec = enc * norms[:, None], dec / norms[:, None]
+        b_enc = b_enc * norms
+    n_latents = int(enc.shape[0])
+    if tuple(dec.shape) != (n_latents, d_in):
+        raise ValueError(f"{what}: encoder {tuple(enc.shape)} and decoder {tuple(dec.shape)} disagree")
+    sae = build_sae(architecture, d_in, n_latents, k=int(k) if k else None, dtype=dtype,
+                    normalize_decoder=architecture == "topk")
+    with torch.no_grad():
+        sae.encoder.weight.copy_(enc)
+        sae.W_dec.copy_(dec)
+        sae.b_dec.copy_(b_dec)
+        shift = (enc.double() @ b_dec.double()).to(dtype) if folded else None
+        if b_enc is not None:
+            sae.encoder.bias.copy_(b_enc + shift if shift is not None else b_enc)
+        for name, value in extra.items():
+            getattr(sae, name).copy_(value)
+        if shift is not None and architecture == "gated":
+            sae.b_gate.add_(shift)
+            sae.b_mag.add_(torch.exp(sae.r_mag) * shift)
+    return sae
+
+
+def sae_from_object(obj: Any, what: str = "") -> SAEBase:
+    """Our SAE equal to an in-memory SAE: ours (returned as is), a sparsify `SparseCoder`, a SAELens
+    `SAE` or a dictionary_learning `Dictionary` (anything with a `state_dict` of those names)."""
+    if isinstance(obj, SAEBase):
+        return obj
+    if not hasattr(obj, "state_dict"):
+        raise TypeError(f"{what or type(obj).__name__}: not an SAE (no state_dict); pass a path, our SAE, a "
+                        f"sparsify SparseCoder, a SAELens SAE, a dictionary_learning AutoEncoder or LatentDirections")
+    cfg: dict[str, Any] = {}
+    raw_cfg = getattr(obj, "cfg", None)
+    if raw_cfg is not None:
+        cfg = raw_cfg.to_dict() if hasattr(raw_cfg, "to_dict") else dict(getattr(raw_cfg, "__dict__", {}))
+        cfg.setdefault("architecture", raw_cfg.architecture() if callable(getattr(raw_cfg, "architecture", None))
+                       else cfg.get("architecture"))
+    for attr in ("k", "apply_b_dec_to_input"):
+        value = getattr(obj, attr, None)
+        if attr not in cfg and isinstance(value, (int, bool, torch.Tensor)):
+            cfg[attr] = int(value) if attr == "k" else bool(value)
+    module = type(obj).__module__.split(".")[0]
+    source = {"sparsify": "sparsify", "sae_lens": "saelens", "dictionary_learning": "dictionary_learning"}.get(module)
+    if source == "dictionary_learning":
+        cfg.setdefault("dict_class", type(obj).__name__)
+        cfg.setdefault("apply_b_dec_to_input", bool(getattr(obj, "apply_b_dec_to_input", False)))
+    return sae_from_state_dict(obj.state_dict(), cfg, source=source, what=what or type(obj).__name__)
+
+
+# ----------------------------------------------------------------------------------------------
+# export
+# ----------------------------------------------------------------------------------------------
+def fold_input_scale(sae: SAEBase) -> SAEBase:
+    """A copy of `sae` that takes raw activations: `input_scale` folded into the weights.
+
+    Our SAEs see `s * x`. Every architecture is positively homogeneous in its biases, so dividing
+    `b_dec`, the encoder biases (and the JumpReLU threshold) by `s` gives pre-activations and latents
+    divided by `s` -- the same top-k indices -- and a reconstruction of `x` itself, while the decoder
+    rows keep their (unit) norms. FVU is unchanged.
+    """
+    import copy
+
+    out = copy.deepcopy(sae)
+    s = float(sae.input_scale)
+    if s <= 0 or not np.isfinite(s):
+        raise ValueError(f"input_scale must be positive and finite, got {s}")
+    with torch.no_grad():
+        for name in ("b_dec", "encoder.bias", "b_gate", "b_mag"):
+            param = out.get_parameter(name) if _has_param(out, name) else None
+            if param is not None:
+                param.div_(s)
+        if _has_param(out, "log_threshold"):
+            out.log_threshold.sub_(math.log(s))
+    out.input_scale = 1.0
+    return out
+
+
+def _has_param(module: torch.nn.Module, name: str) -> bool:
+    try:
+        return module.get_parameter(name) is not None
+    except AttributeError:
+        return False
+
+
+EXPORT_LAYOUTS = ("sparsify", "saelens")
+
+
+def export_sae(sae: SAEBase | Path | str, out_dir: Path | str, layout: str = "sparsify", *,
+               hook_name: str = "", fold_scale: bool = True) -> Path:
+    """Write `sae` (or the checkpoint at a path) so the other library loads it; return the folder.
+
+    `sparsify`: `cfg.json` with only `SparseCoderConfig` keys plus `d_in`, and `sae.safetensors`
+    (TopK only), readable by `SparseCoder.load_from_disk`. `saelens`: `cfg.json` +
+    `sae_weights.safetensors` (`W_enc [d_in, d_sae]`) readable by `sae_lens.SAE.load_from_disk`.
+    With `fold_scale` the input scale is folded into the weights (`fold_input_scale`), so the
+    exported SAE takes raw activations: sparsify and SAELens drop our `input_scale` key.
+    Both files are written atomically; the folder is created if missing.
+    """
+    from safetensors.torch import save_file
+
+    if layout not in EXPORT_LAYOUTS:
+        raise ValueError(f"unknown export layout {layout!r}; choose one of {EXPORT_LAYOUTS}")
+    if not isinstance(sae, SAEBase):
+        sae = load_sae(sae)
+    sae = fold_input_scale(sae) if fold_scale else sae
+    if not fold_scale and sae.input_scale != 1.0:
+        warnings.warn(f"exporting with input_scale {sae.input_scale} not folded: the other library will "
+                      f"apply these weights to unscaled inputs", stacklevel=2)
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {name: p.detach().to("cpu").contiguous() for name, p in sae.state_dict().items()}
+    if layout == "sparsify":
+        if sae.architecture != "topk":
+            raise ValueError(f"sparsify only has TopK SAEs; this SAE is {sae.architecture!r} (export to saelens)")
+        cfg = {"activation": "topk", "expansion_factor": max(1, sae.n_latents // sae.d_in),
+               "normalize_decoder": sae.normalize_decoder, "num_latents": sae.n_latents, "k": int(sae.k),
+               "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": sae.d_in}
+        tensors, weights_name = state, SPARSIFY_WEIGHTS
+    else:
+        tensors = {"W_enc": state["encoder.weight"].T.contiguous(), "W_dec": state["W_dec"], "b_dec": state["b_dec"]}
+        architecture = {"topk": "topk", "relu": "standard", "gated": "gated", "jumprelu": "jumprelu"}[sae.architecture]
+        if "encoder.bias" in state:
+            tensors["b_enc"] = state["encoder.bias"]
+        if sae.architecture == "gated":
+            tensors.update({name: state[name] for name in ("b_gate", "b_mag", "r_mag")})
+        if sae.architecture == "jumprelu":
+            tensors["threshold"] = torch.exp(state["log_threshold"])
+        cfg = {"architecture": architecture, "d_in": sae.d_in, "d_sae": sae.n_latents,
+               "dtype": str(sae.dtype).removeprefix("torch."), "device": "cpu", "apply_b_dec_to_input": True,
+               "normalize_activations": "none", "reshape_activations": "none",
+               "metadata": {"hook_name": hook_name}}
+        if sae.architecture == "topk":
+            cfg["k"] = int(sae.k)
+        weights_name = SAELENS_WEIGHTS
+    with atomic_path(folder / weights_name) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    write_json_atomic(folder / SPARSIFY_CFG, cfg)
+    return folder

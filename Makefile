@@ -81,7 +81,7 @@ nbval: $(INSTALLED)  ## run every notebook with smoke parameters under nbval (wr
 	  --sanitize-with tests/nbval_sanitize.cfg build/nbval
 
 unit: $(INSTALLED)  ## the pytest suite under tests/ (figure tests read the smoke outputs of `make nbval`)
-	$(PY) -m pytest tests
+	$(PY) -m pytest --durations=10 tests
 
 bench: $(INSTALLED)  ## speed/memory benchmarks (prints ratios measured in one run)
 	$(PY) bench/bench_dtypes.py

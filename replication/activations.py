@@ -167,6 +167,52 @@ def _sequences(tokens: np.ndarray, seq_len: int, n_positions: int, skip: int) ->
     return np.asarray(tokens[:need], dtype=np.int64).reshape(n_seq, seq_len)
 
 
+def model_windows(seqs: np.ndarray, bos_token_id: int | None) -> np.ndarray:
+    """The windows the model actually sees: for models trained with a BOS token (Gemma) the BOS
+    replaces position 0 and the window's tokens shift right by one (its last token drops out, so
+    shapes stay the same); `skip_positions=1` then drops the BOS position from the activations."""
+    seqs = np.asarray(seqs, np.int64)
+    if bos_token_id is None:
+        return seqs
+    return np.concatenate([np.full((len(seqs), 1), int(bos_token_id), np.int64), seqs[:, :-1]], axis=1)
+
+
+def heldout_token_windows(cache: ActivationCache) -> tuple[np.ndarray, dict[str, Any]]:
+    """The held-out windows `[n_seq, seq_len]` exactly as the model saw them when the cache was built.
+
+    Rebuilt from the corpus named in the manifest (checked against its content hash), cut as
+    `build_activation_cache` cuts it, BOS shift included: activation row r of the held-out split is
+    position `skip_positions + r % per_seq` of window `r // per_seq`.
+    """
+    from .corpus import Corpus
+
+    settings = cache.manifest["settings"]
+    info = cache.manifest["corpus"]
+    folder = paths.CORPUS_DIR / info["folder"]
+    card_path = folder / "card.json"
+    if not card_path.exists():
+        raise FileNotFoundError(f"the corpus {folder} that built activation cache {cache.folder.name} is missing; "
+                                "rebuild the cache (seed_family) to recreate it")
+    corpus = Corpus(folder, read_json(card_path))
+    if corpus.content_hash != info["content_hash"]:
+        raise ValueError(f"corpus {folder} has content hash {corpus.content_hash}, the activation cache was built "
+                         f"from {info['content_hash']}: contexts would not line up with the activations")
+    seq_len, skip = int(settings["seq_len"]), int(settings["skip_positions"])
+    windows = _sequences(corpus.tokens("heldout"), seq_len, int(settings["n_heldout_tokens"]), skip)
+    bos = None
+    if cache.manifest["model"].get("bos_at_position_0"):
+        bos = cache.manifest["model"].get("bos_token_id")
+        if bos is None:   # manifests written before the id was recorded
+            from transformers import AutoTokenizer
+
+            from .models import EMBEDDED_MODELS, convert_embedded
+
+            name = settings["model_name"]
+            bos = AutoTokenizer.from_pretrained(str(convert_embedded(name)) if name in EMBEDDED_MODELS else name).bos_token_id
+    return model_windows(windows, bos), {"corpus": folder.name, "seq_len": seq_len, "skip_positions": skip,
+                                         "bos_at_position_0": bos is not None}
+
+
 def build_activation_cache(
     settings: ActivationSettings,
     device: str | torch.device = "cpu",
@@ -249,9 +295,8 @@ def build_activation_cache(
                 if max_chunks is not None and new_chunks >= max_chunks:
                     bar.close()
                     return None  # type: ignore[return-value]
-                batch = torch.from_numpy(seqs[chunk * settings.batch_seqs : (chunk + 1) * settings.batch_seqs]).to(device)
-                if bos is not None:
-                    batch = torch.cat([torch.full_like(batch[:, :1], bos), batch[:, :-1]], dim=1)
+                rows = seqs[chunk * settings.batch_seqs : (chunk + 1) * settings.batch_seqs]
+                batch = torch.from_numpy(model_windows(rows, bos)).to(device)
                 model.run_with_hooks(batch, fwd_hooks=fwd_hooks, stop_at_layer=stop_at)
                 lo = chunk * settings.batch_seqs * per_seq
                 hi = min(lo + len(batch) * per_seq, n_tok)
@@ -309,7 +354,7 @@ def build_activation_cache(
     manifest = {
         "settings": asdict(settings),
         "model": {"name": settings.model_name, "n_layers": model.cfg.n_layers, "d_model": d_model,
-                  "bos_at_position_0": bos is not None},
+                  "bos_at_position_0": bos is not None, "bos_token_id": bos},
         "d_model": d_model,
         "store_dtype": store.name,
         "resolved_dtypes": {"model": settings.model_dtype},

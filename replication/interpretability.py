@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 
 from . import paths
+from .activations import heldout_token_windows
 from .io import atomic_path, read_json, settings_key, write_json_atomic
 
 INTERP_DIR_NAME = "interpretability"
@@ -85,31 +86,6 @@ def context_layout(n_rows: int, per_seq: int, ctx_len: int) -> np.ndarray:
     n_seq = -(-n_rows // per_seq)
     starts = (np.arange(n_seq)[:, None] * per_seq + np.arange(per_window)[None, :] * ctx_len).reshape(-1)
     return starts[starts + ctx_len <= n_rows].astype(np.int64)
-
-
-def heldout_token_windows(cache) -> tuple[np.ndarray, dict[str, Any]]:
-    """The held-out token windows `[n_seq, seq_len]` the cache's activations were computed on.
-
-    Rebuilt from the corpus named in the manifest (checked against its content hash), cut the way
-    `activations._sequences` cuts it.
-    """
-    from .activations import _sequences
-    from .corpus import Corpus
-
-    settings = cache.manifest["settings"]
-    info = cache.manifest["corpus"]
-    folder = paths.CORPUS_DIR / info["folder"]
-    card_path = folder / "card.json"
-    if not card_path.exists():
-        raise FileNotFoundError(f"the corpus {folder} that built activation cache {cache.folder.name} is missing; "
-                                "rebuild the cache (seed_family) to recreate it")
-    corpus = Corpus(folder, read_json(card_path))
-    if corpus.content_hash != info["content_hash"]:
-        raise ValueError(f"corpus {folder} has content hash {corpus.content_hash}, the activation cache was built "
-                         f"from {info['content_hash']}: contexts would not line up with the activations")
-    seq_len, skip = int(settings["seq_len"]), int(settings["skip_positions"])
-    windows = _sequences(corpus.tokens("heldout"), seq_len, int(settings["n_heldout_tokens"]), skip)
-    return windows, {"corpus": folder.name, "seq_len": seq_len, "skip_positions": skip}
 
 
 def load_tokenizer(model_name: str):

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from .directions import LatentDirections
 
-ARCHITECTURES = ("topk", "relu", "gated", "jumprelu")
+ARCHITECTURES = ("topk", "relu", "gated", "jumprelu", "batchtopk")
 
 
 def _csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
@@ -512,6 +512,76 @@ class ReLUSAE(SAEBase):
                                            "l0": active.sum(1, dtype=torch.float32).mean(), "fired": active.any(0)}
 
 
+class BatchTopKSAE(ReLUSAE):
+    """BatchTopK SAE (Bussmann et al. 2024, as trained in dictionary_learning).
+
+    Training keeps the k·B largest ReLU'd pre-activations of the whole batch (so a token's L0
+    varies around k) and minimises FVU alone. Inference cannot depend on the batch, so a latent
+    fires where its ReLU'd pre-activation exceeds `threshold`: an exponential moving average
+    (beta 0.999) of the smallest activation kept in each training batch, updated from step
+    `threshold_start_fraction · total_steps` on (dictionary_learning: step 1000 of its runs; here the
+    same fraction of the run as the warm-up, 1000 of the paper's ~122k steps). Until a threshold
+    exists (-1, the initial value), inference uses the batch-level top-k too. Decoder rows are kept
+    at unit norm, as for TopK.
+    """
+
+    architecture = "batchtopk"
+    threshold_beta = 0.999
+    threshold_start_fraction = 1000 / 122_070
+
+    def __init__(self, d_in: int, n_latents: int, k: int, *, seed: int | None = None,
+                 device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
+                 normalize_decoder: bool = True, input_scale: float = 1.0):
+        if not 0 < int(k) <= n_latents:
+            raise ValueError(f"k={k} must be in 1..n_latents={n_latents}")
+        self.k = int(k)
+        super().__init__(d_in, n_latents, seed=seed, device=device, dtype=dtype, normalize_decoder=normalize_decoder,
+                         input_scale=input_scale)
+        self.register_buffer("threshold", torch.tensor(-1.0, dtype=torch.float32, device=device))
+
+    def _extra_repr_fields(self) -> str:
+        return f"d_in={self.d_in}, n_latents={self.n_latents}, k={self.k}, threshold={float(self.threshold):.4g}"
+
+    def batch_topk_mask(self, acts: Tensor) -> Tensor:
+        """Bool [B, n]: the k·B largest entries of the (ReLU'd) batch, ties broken by torch.topk."""
+        flat = acts.reshape(-1)
+        keep = min(self.k * acts.shape[0], flat.numel())
+        mask = torch.zeros_like(flat, dtype=torch.bool)
+        mask[flat.topk(keep, sorted=False).indices] = True
+        return mask.view_as(acts) & (acts > 0)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Inference code: ReLU'd pre-activations above `threshold` (batch top-k before one exists)."""
+        acts = F.relu(F.linear(x - self.b_dec, self.encoder.weight, self.encoder.bias))
+        if float(self.threshold) < 0:
+            return acts * self.batch_topk_mask(acts)
+        return acts * (acts > self.threshold.to(acts.dtype))
+
+    @torch.no_grad()
+    def update_threshold(self, kept: Tensor) -> None:
+        """EMA of the smallest kept activation (the first update sets it)."""
+        positive = kept[kept > 0]
+        smallest = positive.min().float() if positive.numel() else kept.new_zeros((), dtype=torch.float32)
+        if float(self.threshold) < 0:
+            self.threshold.copy_(smallest)
+        else:
+            self.threshold.mul_(self.threshold_beta).add_((1 - self.threshold_beta) * smallest)
+
+    def training_loss(self, x: Tensor, total_variance: Tensor | None = None, step: int | None = None,
+                      total_steps: int | None = None, **_: Any) -> tuple[Tensor, dict[str, Any]]:
+        """FVU of the batch-level top-k code; updates `threshold` once past its start step."""
+        if total_variance is None:
+            total_variance = (x - x.mean(0)).pow(2).sum()
+        acts = F.relu(F.linear(x - self.b_dec, self.encoder.weight, self.encoder.bias))
+        mask = self.batch_topk_mask(acts.detach())
+        code = acts * mask
+        fvu = (self.decode(code) - x).pow(2).sum() / total_variance
+        start = round(self.threshold_start_fraction * total_steps) if total_steps else 0
+        if step is None or step >= start:
+            self.update_threshold(code.detach())
+        return fvu, {"fvu": fvu.detach(), "l0": mask.sum(1, dtype=torch.float32).mean(), "fired": mask.any(0)}
+
+
 class GatedSAE(SAEBase):
     """Gated SAE (Rajamanoharan et al. 2024).
 
@@ -663,7 +733,10 @@ class JumpReLUSAE(SAEBase):
         return fvu + l1_coefficient * l0, {"fvu": fvu.detach(), "l0": l0.detach().float(), "fired": active.any(0)}
 
 
-SAE_CLASSES: dict[str, type[SAEBase]] = {"topk": TopKSAE, "relu": ReLUSAE, "gated": GatedSAE, "jumprelu": JumpReLUSAE}
+SAE_CLASSES: dict[str, type[SAEBase]] = {"topk": TopKSAE, "relu": ReLUSAE, "gated": GatedSAE, "jumprelu": JumpReLUSAE,
+                                         "batchtopk": BatchTopKSAE}
+UNIT_NORM_DECODER = ("topk", "batchtopk")
+"""Architectures whose decoder rows are kept at unit norm by default (sparsify, dictionary_learning)."""
 
 
 def build_sae(architecture: str, d_in: int, n_latents: int, *, k: int | None = None, seed: int | None = None,
@@ -673,13 +746,13 @@ def build_sae(architecture: str, d_in: int, n_latents: int, *, k: int | None = N
     if architecture not in SAE_CLASSES:
         raise ValueError(f"unknown architecture {architecture!r}; expected one of {ARCHITECTURES}")
     if normalize_decoder is None:
-        normalize_decoder = architecture == "topk"
+        normalize_decoder = architecture in UNIT_NORM_DECODER
     kwargs: dict[str, Any] = dict(seed=seed, device=device, dtype=dtype, normalize_decoder=normalize_decoder,
                                   input_scale=input_scale)
-    if architecture == "topk":
+    if architecture in ("topk", "batchtopk"):
         if k is None:
-            raise ValueError("a TopK SAE needs k")
-        return TopKSAE(d_in, n_latents, k, **kwargs)
+            raise ValueError(f"a {architecture} SAE needs k")
+        return SAE_CLASSES[architecture](d_in, n_latents, k, **kwargs)
     if architecture == "jumprelu":
         kwargs.update({key: extra[key] for key in ("bandwidth", "init_threshold") if key in extra})
     return SAE_CLASSES[architecture](d_in, n_latents, **kwargs)

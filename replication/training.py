@@ -41,7 +41,7 @@ from .checkpoints import TRAINING_INFO, load_sae, save_sae
 from .devices import resolve_device, resolve_dtype
 from .interrupts import DeferredInterrupts
 from .io import atomic_path, read_json, settings_key
-from .sae import ARCHITECTURES, SAEBase, TopKSAE, _to_dtype, build_sae, topk_loss_and_grads
+from .sae import ARCHITECTURES, UNIT_NORM_DECODER, SAEBase, TopKSAE, _to_dtype, build_sae, topk_loss_and_grads
 
 PAPER_WARMUP_FRACTION = 1000 / 122_070
 """sparsify's 1000 warm-up steps over the paper's 8B tokens at 65,536 tokens per step (~122k steps)."""
@@ -97,7 +97,7 @@ class TrainConfig:
         return max(1, round(self.warmup_fraction * total_steps))
 
     def resolved_normalize_decoder(self) -> bool:
-        return self.architecture == "topk" if self.normalize_decoder is None else bool(self.normalize_decoder)
+        return self.architecture in UNIT_NORM_DECODER if self.normalize_decoder is None else bool(self.normalize_decoder)
 
     def resolved_dead_window(self, total_tokens: int) -> int:
         if self.dead_window_tokens is not None:
@@ -372,7 +372,8 @@ class _Member:
         else:
             for p in self.params:
                 p.grad = None
-            loss, stats = sae.training_loss(x, total_variance=total_variance, l1_coefficient=cfg.l1_coefficient)
+            loss, stats = sae.training_loss(x, total_variance=total_variance, l1_coefficient=cfg.l1_coefficient,
+                                            step=self.step, total_steps=self.total_steps)
             loss.backward()
         fvu = float(stats["fvu"])
         if not math.isfinite(fvu):
@@ -461,9 +462,9 @@ def _validate(activations: np.ndarray, configs: Sequence[TrainConfig], data: Dat
             raise ValueError(f"config #{i}: unknown architecture {cfg.architecture!r}; expected one of {ARCHITECTURES}")
         if cfg.n_latents <= 0:
             raise ValueError(f"config #{i}: n_latents must be positive; got {cfg.n_latents}")
-        if cfg.architecture == "topk":
+        if cfg.architecture in ("topk", "batchtopk"):
             if cfg.k is None or cfg.k <= 0:
-                raise ValueError(f"config #{i}: a TopK SAE needs k >= 1; got k={cfg.k}")
+                raise ValueError(f"config #{i}: a {cfg.architecture} SAE needs k >= 1; got k={cfg.k}")
             if cfg.k > cfg.n_latents:
                 raise ValueError(f"config #{i}: k={cfg.k} > n_latents={cfg.n_latents}")
     n_tokens = n_rows if data.n_tokens is None else int(data.n_tokens)

@@ -140,10 +140,14 @@ def test_random_model_family_is_a_chance_baseline(tmp_data, smol_model):
     assert fractions["threshold"] < 0.1, fractions
 
 
-def test_second_embedded_model_gemma_loads_offline_with_bos(tmp_data):
+@pytest.fixture(scope="module")
+def gemma():
+    return load_model("gemma-3-270m", dtype="float32")
+
+
+def test_second_embedded_model_gemma_loads_offline_with_bos(tmp_data, gemma):
     """Gemma-3-270m: TransformerLens config by official name (no download), weights from the package,
     its BOS at position 0 of every cached window, and its outlier-heavy activations normalised."""
-    gemma = load_model("gemma-3-270m", dtype="float32")
     assert (gemma.cfg.n_layers, gemma.cfg.d_model, gemma.cfg.default_prepend_bos) == (18, 640, True)
     tokens = gemma.to_tokens("The capital of France is Paris. The capital of Germany is")
     assert tokens[0, 0].item() == gemma.tokenizer.bos_token_id
@@ -159,12 +163,11 @@ def test_second_embedded_model_gemma_loads_offline_with_bos(tmp_data):
     assert cache.manifest["model"]["bos_token_id"] == gemma.tokenizer.bos_token_id
 
 
-def test_gemma_heldout_windows_reproduce_the_cached_activations(tmp_data):
+def test_gemma_heldout_windows_reproduce_the_cached_activations(tmp_data, gemma):
     """The held-out windows rebuilt for Figure 6 contexts and splicing are the ones the model saw:
     running Gemma on them gives the cached activations row for row (BOS shift included)."""
     import torch
 
-    gemma = load_model("gemma-3-270m", dtype="float32")
     hook = "blocks.9.hook_mlp_out"
     settings = ActivationSettings(**{**TINY, "model_name": "gemma-3-270m", "store_dtype": "float32", "hooks": (hook,)})
     cache = build_activation_cache(settings, model=gemma, progress=False)

@@ -30,7 +30,7 @@ EXECUTED  := build/executed/$(PROFILE)
 STAMPS    := $(addprefix $(EXECUTED)/,$(addsuffix .ipynb,$(NAMES)))
 LIBRARY   := $(wildcard replication/*.py)
 
-.PHONY: help venv figures test unit nbval bench corpus-sources clean-build example-report
+.PHONY: help venv figures test lint unit nbval bench corpus-sources clean-build example-report
 .DEFAULT_GOAL := help
 
 help:  ## list targets
@@ -68,7 +68,7 @@ $(EXECUTED)/%.ipynb: notebooks/%.ipynb notebooks/params/family/$(PROFILE).yaml n
 	  notebooks/$*.ipynb $(EXECUTED)/.tmp-$*.ipynb
 	@mv $(EXECUTED)/.tmp-$*.ipynb $@
 
-test: $(INSTALLED) nbval unit  ## pytest on tests/ plus nbval over every notebook with its smoke parameters
+test: $(INSTALLED) lint nbval unit  ## ruff, then nbval over every notebook with its smoke parameters, then pytest on tests/
 
 nbval: $(INSTALLED)  ## run every notebook with smoke parameters under nbval (writes figures/smoke/)
 	@rm -rf build/nbval && mkdir -p build/nbval
@@ -79,6 +79,9 @@ nbval: $(INSTALLED)  ## run every notebook with smoke parameters under nbval (wr
 	done
 	$(PY) -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=7200 --durations=0 \
 	  --sanitize-with tests/nbval_sanitize.cfg build/nbval
+
+lint: $(INSTALLED)  ## ruff check over the package, tests and benchmarks (config in pyproject.toml)
+	$(PY) -m ruff check replication tests bench
 
 unit: $(INSTALLED)  ## the pytest suite under tests/ (figure tests read the smoke outputs of `make nbval`)
 	$(PY) -m pytest --durations=10 tests

@@ -55,7 +55,8 @@ def main() -> None:
 
     fp32 = models.load_model("smollm2-135m", dtype="float32")
     bf16 = models.load_model("smollm2-135m", dtype="bfloat16")
-    corp = corpus.build_corpus(fp32.tokenizer, "smollm2-135m", sources=("wikipedia",), max_tokens=max(200_000, 2 * args.tokens), progress=False)
+    corp = corpus.build_corpus(fp32.tokenizer, "smollm2-135m", sources=("wikipedia",),
+                               max_tokens=max(200_000, 2 * args.tokens), progress=False)
     n_seq = args.tokens // args.seq_len
     windows = np.asarray(corp.tokens("train")[: n_seq * args.seq_len], dtype=np.int64).reshape(n_seq, args.seq_len)
     forward_tokens_per_s(bf16, windows[: args.batch], args.layer, args.batch)  # warm-up
@@ -66,13 +67,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         paths.ACTIVATIONS_DIR = Path(tmp)
         settings = activations.ActivationSettings(
-            hooks=(activations.hook_name(args.layer),), n_train_tokens=n_seq * (args.seq_len - 1), n_heldout_tokens=args.seq_len - 1,
+            hooks=(activations.hook_name(args.layer),), n_train_tokens=n_seq * (args.seq_len - 1),
+            n_heldout_tokens=args.seq_len - 1,
             seq_len=args.seq_len, batch_seqs=args.batch, model_dtype="bfloat16", corpus_sources=("wikipedia",),
             corpus_max_tokens=max(200_000, 2 * args.tokens))
         start = time.perf_counter()
         activations.build_activation_cache(settings, model=bf16, progress=False)
         rows["cache build bf16 (ours)"] = (n_seq + 1) * args.seq_len / (time.perf_counter() - start)
-    print(f"torch {torch.__version__}, {args.threads} threads, {n_seq} x {args.seq_len} tokens, layer {args.layer} of SmolLM2-135M")
+    print(f"torch {torch.__version__}, {args.threads} threads, {n_seq} x {args.seq_len} tokens, "
+          f"layer {args.layer} of SmolLM2-135M")
     print(f"{'method':28s} {'tokens/s':>10s} {'vs bf16 forward':>16s}")
     for name, value in rows.items():
         print(f"{name:28s} {value:10,.0f} {value / rows['forward bf16']:15.0%}")

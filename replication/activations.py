@@ -96,7 +96,8 @@ class ActivationCache:
         folder = Path(folder)
         manifest_path = folder / "manifest.json"
         if not manifest_path.exists():
-            raise FileNotFoundError(f"no finished activation cache at {folder} (manifest.json missing; rerun the cache build to resume it)")
+            raise FileNotFoundError(f"no finished activation cache at {folder} "
+                                    f"(manifest.json missing; rerun the cache build to resume it)")
         manifest = read_json(manifest_path)
         cache = cls(folder, manifest)
         for name, info in manifest["files"].items():
@@ -104,7 +105,8 @@ class ActivationCache:
             if not path.exists():
                 raise FileNotFoundError(f"activation cache file missing: {path}")
             if path.stat().st_size != info["bytes"]:
-                raise ValueError(f"activation cache file {path} has {path.stat().st_size} bytes, manifest says {info['bytes']}: corrupt cache, delete {folder} to rebuild")
+                raise ValueError(f"activation cache file {path} has {path.stat().st_size} bytes, manifest says "
+                                 f"{info['bytes']}: corrupt cache, delete {folder} to rebuild")
             if verify and sha256_file(path) != info["sha256"]:
                 raise ValueError(f"activation cache file {path} fails its checksum: corrupt cache, delete {folder} to rebuild")
         return cache
@@ -264,7 +266,8 @@ def build_activation_cache(
     per_seq = settings.seq_len - skip
     plan = {
         "train": (_sequences(corpus.tokens("train"), settings.seq_len, settings.n_train_tokens, skip), settings.n_train_tokens),
-        "heldout": (_sequences(corpus.tokens("heldout"), settings.seq_len, settings.n_heldout_tokens, skip), settings.n_heldout_tokens),
+        "heldout": (_sequences(corpus.tokens("heldout"), settings.seq_len, settings.n_heldout_tokens, skip),
+                    settings.n_heldout_tokens),
     }
     arrays: dict[tuple[str, str], np.memmap] = {}
     for split, (_, n_tok) in plan.items():
@@ -275,7 +278,8 @@ def build_activation_cache(
 
     total = sum(n for _, n in plan.values())
     done_tokens = sum(min(int(c) * settings.batch_seqs * per_seq, plan[s][1]) for s, c in state["done"].items())
-    bar = tqdm(total=total, initial=done_tokens, unit="tok", unit_scale=True, desc=f"caching {settings.model_name} activations", disable=not progress)
+    bar = tqdm(total=total, initial=done_tokens, unit="tok", unit_scale=True, desc=f"caching {settings.model_name} activations",
+               disable=not progress)
     captured: dict[str, torch.Tensor] = {}
 
     def grab(act: torch.Tensor, hook) -> None:
@@ -340,7 +344,8 @@ def build_activation_cache(
         for hook in settings.hooks:
             name = _file_name(hook, split)
             os.replace(folder / (name + ".partial"), folder / name)
-            files[name] = {"shape": [n_tok, d_model], "bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
+            files[name] = {"shape": [n_tok, d_model], "bytes": (folder / name).stat().st_size,
+                           "sha256": sha256_file(folder / name)}
     for hook in settings.hooks:
         sample = np.memmap(folder / _file_name(hook, "train"), dtype=store, mode="r", shape=(settings.n_train_tokens, d_model))
         head = np.asarray(sample[: min(len(sample), 100_000)], dtype=np.float64)

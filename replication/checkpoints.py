@@ -246,7 +246,8 @@ def load_directions(path: Path | str, name: str | None = None) -> LatentDirectio
         what = str(folder / SPARSIFY_WEIGHTS)
         encoder = _rows(tensors["encoder.weight"], n, d_in, columns=False, what=what + " encoder.weight")
         decoder = _rows(tensors["W_dec"], n, d_in, columns=False, what=what + " W_dec")
-        meta.update({"architecture": cfg.get("architecture", "topk"), "k": cfg.get("k"), "input_scale": cfg.get("input_scale", 1.0)})
+        meta.update({"architecture": cfg.get("architecture", "topk"), "k": cfg.get("k"),
+                     "input_scale": cfg.get("input_scale", 1.0)})
         info_path = folder / TRAINING_INFO
         if info_path.exists():
             info = read_json(info_path)

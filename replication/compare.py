@@ -42,8 +42,16 @@ import pandas as pd
 
 from .directions import LatentDirections
 from .io import write_json_atomic
-from .matching import DEFAULT_THRESHOLD, DEFINITIONS, MatchResult, agreement_fraction, cosine_matrix, match, \
-    shared_masks, solve_assignment_detailed
+from .matching import (
+    DEFAULT_THRESHOLD,
+    DEFINITIONS,
+    MatchResult,
+    agreement_fraction,
+    cosine_matrix,
+    match,
+    shared_masks,
+    solve_assignment_detailed,
+)
 from .sae import SAEBase
 
 REPORT_DEFINITIONS: tuple[str, ...] = ("threshold", "agree", "decoder")

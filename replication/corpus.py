@@ -250,7 +250,8 @@ def build_corpus(
         card = read_json(card_path)
         for split in ("train", "heldout"):
             if sha256_file(folder / f"{split}.bin") != card["sha256"][split]:
-                raise ValueError(f"corpus cache {folder} is corrupt ({split}.bin checksum mismatch); delete the folder to rebuild")
+                raise ValueError(f"corpus cache {folder} is corrupt ({split}.bin checksum mismatch); "
+                                 f"delete the folder to rebuild")
         return Corpus(folder, card)
 
     docs: list[tuple[str, str, str]] = []  # (source, id, text)

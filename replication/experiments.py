@@ -134,7 +134,8 @@ class SeedFamily:
         rows = []
         for seed, res in zip(self.spec.seeds, self.results):
             m = res.metrics
-            rows.append({"seed": seed, **{k: m.get(k) for k in ("fvu", "l0", "dead_fraction", "tokens", "wall_time_s", "tokens_per_s")}})
+            keys = ("fvu", "l0", "dead_fraction", "tokens", "wall_time_s", "tokens_per_s")
+            rows.append({"seed": seed, **{k: m.get(k) for k in keys}})
         return pd.DataFrame(rows)
 
     def summary(self) -> dict[str, Any]:
@@ -157,7 +158,8 @@ class SeedFamily:
 
 def family_dir(spec: FamilySpec) -> Path:
     """Checkpoint folder of a family: `data/saes/<model>-<arch>-<n>-k<k>-<key>/`."""
-    tag = f"{spec.model_name.replace('/', '_')}{'-random' if spec.random_model else ''}-{spec.architecture}-{spec.n_latents}-k{spec.k}"
+    model = spec.model_name.replace("/", "_") + ("-random" if spec.random_model else "")
+    tag = f"{model}-{spec.architecture}-{spec.n_latents}-k{spec.k}"
     return paths.CHECKPOINTS_DIR / f"{tag}-{spec.training_key()}"
 
 

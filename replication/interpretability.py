@@ -560,7 +560,8 @@ def summary_numbers(scores: pd.DataFrame, pairs: pd.DataFrame, n_other: int, hig
         "mean_abs_score_diff_low_alignment": float((low.score_1 - low.score_2).abs().mean()) if len(low) else None,
         "mean_abs_score_diff_high_alignment": float((high_al.score_1 - high_al.score_2).abs().mean()) if len(high_al) else None,
         "score_correlation_low_alignment": float(np.corrcoef(low.score_1, low.score_2)[0, 1]) if len(low) > 2 else None,
-        "score_correlation_high_alignment": float(np.corrcoef(high_al.score_1, high_al.score_2)[0, 1]) if len(high_al) > 2 else None,
+        "score_correlation_high_alignment": (float(np.corrcoef(high_al.score_1, high_al.score_2)[0, 1])
+                                             if len(high_al) > 2 else None),
     }
 
 

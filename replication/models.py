@@ -30,7 +30,7 @@ import torch
 
 from . import paths
 from .devices import resolve_device, resolve_dtype
-from .io import atomic_path, read_json, write_json_atomic
+from .io import atomic_path, write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -251,7 +251,8 @@ def bootstrap_ratio_deltas(num: np.ndarray, den: np.ndarray, reference: int = 0,
     out = []
     for c in range(num.shape[0]):
         d = ratio[:, c] - ratio[:, reference]
-        out.append({"value": float(est[c]), "low": float(np.quantile(ratio[:, c], a)), "high": float(np.quantile(ratio[:, c], 1 - a)),
+        out.append({"value": float(est[c]), "low": float(np.quantile(ratio[:, c], a)),
+                    "high": float(np.quantile(ratio[:, c], 1 - a)),
                     "delta": float(est[c] - est[reference]), "delta_low": float(np.quantile(d, a)),
                     "delta_high": float(np.quantile(d, 1 - a))})
     return out

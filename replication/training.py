@@ -474,7 +474,8 @@ def _validate(activations: np.ndarray, configs: Sequence[TrainConfig], data: Dat
     for i, cfg in enumerate(configs):
         late = [t for t in cfg.checkpoint_at_tokens if not 0 < t <= total_steps * data.batch_size]
         if late:
-            raise ValueError(f"config #{i}: checkpoint_at_tokens {late} outside the run (1..{total_steps * data.batch_size} tokens)")
+            raise ValueError(f"config #{i}: checkpoint_at_tokens {late} outside the run "
+                             f"(1..{total_steps * data.batch_size} tokens)")
     if out_dirs is not None:
         if len(out_dirs) != len(configs):
             raise ValueError(f"{len(out_dirs)} out_dirs for {len(configs)} configs")

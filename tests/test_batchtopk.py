@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from replication.checkpoints import load_sae, save_sae
+from replication.checkpoints import load_sae
 from replication.sae import BatchTopKSAE, build_sae
 from replication.training import DataConfig, TrainConfig, evaluate_sae, train_saes
 

@@ -6,7 +6,6 @@ activations) for the notebook-01 check, hand-made families for everything else.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,10 +18,8 @@ from safetensors.torch import save_file
 
 import replication
 from replication import cli
-from replication.checkpoints import export_sae, fold_input_scale, load_directions, load_sae, save_sae, \
-    sae_from_state_dict
+from replication.checkpoints import export_sae, fold_input_scale, load_directions, load_sae, sae_from_state_dict, save_sae
 from replication.compare import compare_saes, expand_inputs, untrained_pw_mcc
-from replication.directions import LatentDirections
 from replication.matching import match, shared_masks
 from replication.sae import build_sae, firing_counts
 from replication.stability import bootstrap_ci, kseed_only_in_base

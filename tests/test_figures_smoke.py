@@ -11,8 +11,8 @@ import json
 import numpy as np
 import pytest
 import yaml
-
 from conftest import smoke_numbers
+
 from replication import paths
 from replication.io import write_json_atomic
 

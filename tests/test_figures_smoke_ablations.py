@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import yaml
-
 from conftest import smoke_numbers
+
 from replication import paths
 from replication.plotting import load_figure_json
 

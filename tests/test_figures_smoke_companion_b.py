@@ -3,10 +3,8 @@ synthetic ground truth, pooling), which `make nbval` (or `make figures PROFILE=s
 a missing JSON fails the test."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
-
 from conftest import smoke_numbers
 
 PROFILE = "smoke"

@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import warnings
 
 import numpy as np
 import pytest
 
 from replication import activations, corpus, paths
-from replication.io import read_json
 from replication.activations import ActivationCache, ActivationSettings, build_activation_cache
+from replication.io import read_json
 from replication.models import ModelNotFoundError, load_model, next_token_loss
 
 TINY = dict(model_name="smollm2-135m", hooks=("blocks.3.hook_mlp_out", "blocks.5.hook_resid_post"),
@@ -117,10 +115,12 @@ def test_missing_corpus_source_warns_and_continues(smol_model, monkeypatch, tmp_
     monkeypatch.setattr(paths, "CORPUS_DIR", tmp_path)
     monkeypatch.setitem(corpus.SOURCES, "fake", corpus.CorpusSource("fake", "none", "missing", "apt-get install fake", missing))
     with pytest.warns(UserWarning, match="corpus source 'fake' not found"):
-        corp = corpus.build_corpus(smol_model.tokenizer, "smollm2-135m", sources=("wikipedia", "fake"), max_tokens=5_000, progress=False)
+        corp = corpus.build_corpus(smol_model.tokenizer, "smollm2-135m", sources=("wikipedia", "fake"), max_tokens=5_000,
+                                   progress=False)
     assert "fake" in corp.card["missing_sources"] and corp.card["tokens"]["train"] >= 5_000
     with pytest.raises(corpus.MissingSourceError, match="'fake' not found"):
-        corpus.build_corpus(smol_model.tokenizer, "smollm2-135m", sources=("fake",), max_tokens=6_000, strict=True, progress=False)
+        corpus.build_corpus(smol_model.tokenizer, "smollm2-135m", sources=("fake",), max_tokens=6_000, strict=True,
+                            progress=False)
     with pytest.raises(ValueError, match="unknown corpus source"):
         corpus.build_corpus(smol_model.tokenizer, "smollm2-135m", sources=("nope",), progress=False)
 

@@ -9,7 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from replication.sae import (
-    GatedSAE, JumpReLUSAE, ReLUSAE, TopKAutoencode, TopKSAE, build_sae, firing_counts, topk_loss_and_grads,
+    GatedSAE,
+    JumpReLUSAE,
+    ReLUSAE,
+    TopKAutoencode,
+    TopKSAE,
+    build_sae,
+    firing_counts,
+    topk_loss_and_grads,
 )
 
 D_IN, N_LAT, K = 6, 10, 3

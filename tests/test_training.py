@@ -12,7 +12,12 @@ import torch
 from replication.checkpoints import load_sae
 from replication.interrupts import Interrupted
 from replication.training import (
-    BatchStream, DataConfig, TrainConfig, _lr_factor, evaluate_sae, train_saes,
+    BatchStream,
+    DataConfig,
+    TrainConfig,
+    _lr_factor,
+    evaluate_sae,
+    train_saes,
 )
 
 D_IN = 16

@@ -33,7 +33,7 @@ import torch
 
 from .directions import LatentDirections
 from .io import atomic_path, read_json, sha256_file, write_json_atomic
-from .sae import SAEBase, build_sae
+from .sae import UNIT_NORM_DECODER, SAEBase, build_sae
 
 SPARSIFY_CFG = "cfg.json"
 SPARSIFY_WEIGHTS = "sae.safetensors"
@@ -421,13 +421,10 @@ def sae_from_state_dict(state: dict[str, Any], cfg: dict[str, Any] | None = None
         elif "b_dec" in t:                          # AutoEncoderTopK / BatchTopKSAE
             b_enc, b_dec = t["encoder.bias"], t["b_dec"]
             k_value = t["k"] if "k" in t else cfg.get("k")
-            if "BatchTopK" in dict_class:
-                # inference uses one global threshold on the post-ReLU activations
-                if "threshold" not in t or float(t["threshold"]) < 0:
-                    raise NotImplementedError(f"{what}: a BatchTopKSAE without a fitted threshold is not supported")
-                architecture = "jumprelu"
-                thr = torch.full_like(b_enc, float(t["threshold"])).clamp_min(torch.finfo(b_enc.dtype).tiny)
-                extra = {"log_threshold": torch.log(thr)}
+            if "BatchTopK" in dict_class or "threshold" in t:
+                # inference: one global threshold on the post-ReLU activations (batch top-k before it is fitted)
+                architecture, k = "batchtopk", int(k_value) if k_value is not None else None
+                extra = {"threshold": t["threshold"].reshape(()).float()} if "threshold" in t else {}
             else:
                 architecture, k = "topk", int(k_value) if k_value is not None else None
         elif "bias" in t:                           # AutoEncoder: x - bias before encoding
@@ -436,8 +433,8 @@ def sae_from_state_dict(state: dict[str, Any], cfg: dict[str, Any] | None = None
             architecture, b_enc, b_dec, folded = "relu", t["encoder.bias"], t["decoder.bias"], True
         else:
             raise ValueError(f"{what}: dictionary_learning tensors {sorted(t)} match no known dictionary class")
-    if architecture == "topk" and not k:
-        raise ValueError(f"{what}: a TopK SAE needs k; none in the tensors or the config")
+    if architecture in ("topk", "batchtopk") and not k:
+        raise ValueError(f"{what}: a {architecture} SAE needs k; none in the tensors or the config")
     if architecture == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
         # SAELens TopK option: pre-activations times decoder norms, decoder rows divided by them
         norms = dec.norm(dim=1).clamp_min(1e-8)
@@ -447,7 +444,7 @@ def sae_from_state_dict(state: dict[str, Any], cfg: dict[str, Any] | None = None
     if tuple(dec.shape) != (n_latents, d_in):
         raise ValueError(f"{what}: encoder {tuple(enc.shape)} and decoder {tuple(dec.shape)} disagree")
     sae = build_sae(architecture, d_in, n_latents, k=int(k) if k else None, dtype=dtype,
-                    normalize_decoder=architecture == "topk")
+                    normalize_decoder=architecture in UNIT_NORM_DECODER)
     with torch.no_grad():
         sae.encoder.weight.copy_(enc)
         sae.W_dec.copy_(dec)

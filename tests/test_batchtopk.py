@@ -79,3 +79,22 @@ def test_batchtopk_trains_to_l0_near_k_and_round_trips_with_its_threshold(tmp_pa
     assert evaluate_sae(back, acts[5000:])["fvu"] == pytest.approx(res.metrics["fvu"], rel=1e-6)
     with pytest.raises(ValueError, match="batchtopk SAE needs k"):
         build_sae("batchtopk", 16, 64)
+
+
+def test_dictionary_learning_batchtopk_reads_back_with_its_threshold() -> None:
+    """A dictionary_learning BatchTopKSAE state dict (encoder.weight [n, d], decoder.weight [d, n], b_dec, k,
+    threshold) becomes our BatchTopKSAE, and its code equals dictionary_learning's inference formula
+    relu(W (x - b_dec) + b) * (relu(...) > threshold)."""
+    from replication.checkpoints import sae_from_state_dict
+
+    gen = torch.Generator().manual_seed(0)
+    d, n = 12, 40
+    state = {"encoder.weight": torch.randn(n, d, generator=gen), "encoder.bias": 0.1 * torch.randn(n, generator=gen),
+             "decoder.weight": torch.randn(d, n, generator=gen), "b_dec": torch.randn(d, generator=gen),
+             "k": torch.tensor(5), "threshold": torch.tensor(0.8)}
+    sae = sae_from_state_dict(state, {"dict_class": "BatchTopKSAE"}, source="dictionary_learning")
+    assert isinstance(sae, BatchTopKSAE) and sae.k == 5 and float(sae.threshold) == pytest.approx(0.8)
+    x = torch.randn(30, d, generator=gen)
+    post = torch.relu((x - state["b_dec"]) @ state["encoder.weight"].T + state["encoder.bias"])
+    torch.testing.assert_close(sae.encode(x), post * (post > 0.8))
+    torch.testing.assert_close(sae(x)["x_hat"], sae.encode(x) @ state["decoder.weight"].T + state["b_dec"])

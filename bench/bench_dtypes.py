@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -104,7 +105,8 @@ def main() -> None:
     rows = []
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         limit = matmul_limit(dtype, args.repeats)
-        with _quiet():
+        with warnings.catch_warnings():   # the header already says when bf16 is emulated
+            warnings.simplefilter("ignore", RuntimeWarning)
             fwd = time_forward(name, args.seqs, 256, args.repeats, emulated and name == "bfloat16")
             step = time_train_step(name, args.latents, args.batch, args.repeats)
         rows.append((name, limit, fwd, step))
@@ -118,20 +120,6 @@ def main() -> None:
           f"SAE step {st16['tokens_per_s'] / st32['tokens_per_s']:.2f}x  ->  auto = {auto}"
           f" ({'right' if (auto == 'bfloat16') == (fwd16['tokens_per_s'] > fwd32['tokens_per_s']) else 'WRONG'} "
           f"for the forward pass on this machine)")
-
-
-class _quiet:
-    """Silence the emulated-bf16 warning inside the bench (the header already says it)."""
-
-    def __enter__(self):
-        import warnings
-
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
-        warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc):
-        self._ctx.__exit__(*exc)
 
 
 if __name__ == "__main__":

@@ -23,16 +23,16 @@ import yaml
 from . import paths
 from .experiments import FamilySpec, SeedFamily, seed_family
 from .io import write_json_atomic
-from .matching import DEFAULT_THRESHOLD, shared_masks
+from .matching import DEFAULT_THRESHOLD
 from .stability import kseed_only_in_base
 
 
 def pair_matrix(family: SeedFamily, definition: str = "threshold", threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
-    """[N, N] shared fraction of base i's latents in seed j (NaN on the diagonal)."""
+    """[N, N] shared fraction of base i's latents in seed j (NaN on the diagonal), from `FamilyMatching.pair_table`."""
     fm = family.matching
+    table = fm.pair_table(threshold)
     out = np.full((fm.n_seeds, fm.n_seeds), np.nan)
-    for i, j in itertools.permutations(range(fm.n_seeds), 2):
-        out[i, j] = float(shared_masks(fm.result(i, j), threshold)[definition].mean())
+    out[table["base"].to_numpy(), table["other"].to_numpy()] = table[definition].to_numpy()
     return out
 
 

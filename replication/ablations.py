@@ -242,10 +242,16 @@ def sparsity_spec(base: Any, architecture: str, l1_coefficient: float, seeds: Se
 
 
 def d_model(spec: Any) -> int:
-    """Activation width of a spec's model (builds or opens its activation cache)."""
-    from .activations import build_activation_cache
+    """Activation width at a spec's hook, from the model's config (every supported site is d_model wide).
 
-    return build_activation_cache(spec.activation_settings(), device=spec.device).d_model
+    Reading the config, not the activation cache, matters: a cache built only to learn its width
+    would hold the spec's own hook set, which a sweep may never train on (a wasted forward pass).
+    """
+    from .activations import parse_hook
+    from .models import model_config
+
+    parse_hook(spec.hook)  # the clear error for an unsupported hook
+    return int(model_config(spec.model_name).d_model)
 
 
 def match_sparsity(base: Any, architectures: Sequence[str], target_l0: float,

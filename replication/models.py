@@ -137,13 +137,37 @@ def convert_embedded(key: str, force: bool = False) -> Path:
     The folder is built under a temporary name and renamed into place, so an interrupted
     conversion is never mistaken for a finished one.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     model = EMBEDDED_MODELS[key]
     out = converted_model_dir(key)
     marker = out / "converted.json"
     if marker.exists() and not force:
         return out
+    # One converter at a time: `make test` starts Gemma's conversion in the background while the
+    # first notebooks run; a notebook that needs the model meanwhile waits here, then finds it done.
+    with _conversion_lock(key):
+        if marker.exists() and not force:
+            return out
+        return _convert(key, model, out)
+
+
+@contextlib.contextmanager
+def _conversion_lock(key: str) -> Iterator[None]:
+    """Exclusive advisory lock (fcntl) on `data/models/.<key>.lock`; released when the holder exits, even if killed."""
+    import fcntl
+
+    lock_path = paths.ensure_dir(paths.MODELS_DIR) / f".{key}.lock"
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _convert(key: str, model: EmbeddedModel, out: Path) -> Path:
+    """The conversion itself (callers hold the lock)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     gguf = find_gguf(model)
     log.info("converting %s -> %s (one-off)", gguf, out)
     with _parse_gguf_once():
@@ -222,6 +246,25 @@ def load_model(
     if random_init:
         return _random_like(model.cfg, model.tokenizer, random_seed, device, dtype)
     return model
+
+
+def model_config(name: str = DEFAULT_MODEL):
+    """TransformerLens config of a model (widths, layer count) without loading its weights.
+
+    Embedded models read their converted folder (converting once if needed); hub names read the
+    hub config (network, or the local Hugging Face cache).
+    """
+    if name in EMBEDDED_MODELS:
+        spec = EMBEDDED_MODELS[name]
+        folder = convert_embedded(name)
+        return _local_config(spec.tl_config_name or str(folder), spec.n_ctx, spec.prepend_bos, "cpu", "float32")
+    from transformer_lens import loading_from_pretrained as loading
+
+    try:
+        return loading.get_pretrained_model_config(name)
+    except (OSError, ValueError) as err:
+        raise ModelNotFoundError(f"no config for model '{name}' ({type(err).__name__}: {err}); offline, use an "
+                                 f"embedded model: {sorted(EMBEDDED_MODELS)}") from err
 
 
 def _local_config(source: str, n_ctx: int, prepend_bos: bool, device, dtype: str):
@@ -304,3 +347,21 @@ def next_token_loss(model, tokens, seq_len: int = 256, n_seqs: int = 32, batch_s
             total += float(loss.float().sum())
             count += loss.numel()
     return total / count
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m replication.models KEY [KEY ...]`: convert embedded models ahead of time.
+
+    `make test` runs it for Gemma in the background while the first notebooks execute; the file
+    lock in `convert_embedded` makes a notebook that needs the model meanwhile wait for it.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m replication.models", description=main.__doc__.splitlines()[0])
+    parser.add_argument("keys", nargs="+", choices=sorted(EMBEDDED_MODELS), help="embedded model keys")
+    for key in parser.parse_args(argv).keys:
+        print(f"{key}: {convert_embedded(key)}")
+
+
+if __name__ == "__main__":
+    main()

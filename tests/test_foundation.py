@@ -179,3 +179,44 @@ def test_gemma_heldout_windows_reproduce_the_cached_activations(tmp_data, gemma)
     recomputed = run[hook][:, skip:].reshape(-1, 640).float().numpy()
     cached = np.asarray(cache.heldout(hook)[: 2 * per_seq], dtype=np.float32)
     np.testing.assert_allclose(recomputed, cached, rtol=1e-4, atol=1e-4 * np.abs(cached).max())
+
+
+def test_d_model_comes_from_the_config_without_building_a_cache(tmp_data, smol_model, gemma):
+    """Figure 5 sizes its SAEs from d_model; reading it must not cost a forward pass over the corpus."""
+    from replication import ablations
+    from replication.experiments import FamilySpec
+
+    for name, model in (("smollm2-135m", smol_model), ("gemma-3-270m", gemma)):
+        spec = FamilySpec(model_name=name, hook="blocks.3.hook_resid_post")
+        assert ablations.d_model(spec) == model.cfg.d_model
+    assert not (tmp_data / "activations_dir").exists()
+    with pytest.raises(ValueError, match="unsupported hook"):
+        ablations.d_model(FamilySpec(hook="blocks.3.hook_mlp_post"))
+
+
+def test_concurrent_conversions_run_once(tmp_path, monkeypatch):
+    """`make test` converts Gemma in the background while notebooks may ask for it: the lock makes
+    the second caller wait and then reuse the finished folder instead of converting again."""
+    import threading
+    import time
+
+    from replication import models
+
+    monkeypatch.setattr(paths, "MODELS_DIR", tmp_path / "models")
+    calls = []
+
+    def slow_convert(key, model, out):
+        calls.append(key)
+        time.sleep(0.3)
+        out.mkdir(parents=True)
+        (out / "converted.json").write_text("{}")
+        return out
+
+    monkeypatch.setattr(models, "_convert", slow_convert)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(models.convert_embedded("gemma-3-270m"))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == ["gemma-3-270m"] and len(set(results)) == 1

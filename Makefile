@@ -65,7 +65,7 @@ figures: $(INSTALLED) $(if $(filter smoke,$(PROFILE)),,corpus-sources) $(STAMPS)
 # papermill writes to a temporary name that is moved into place only on success.
 $(EXECUTED)/%.ipynb: notebooks/%.ipynb notebooks/params/family/$(PROFILE).yaml notebooks/params/%/$(PROFILE).yaml $(LIBRARY) $(INSTALLED)
 	@mkdir -p $(EXECUTED)
-	$(PY) -m papermill --log-level WARNING -k python3 -f notebooks/params/family/$(PROFILE).yaml \
+	$(PY) -m papermill --log-level WARNING -k python3 -p profile $(PROFILE) \
 	  -f notebooks/params/$*/$(PROFILE).yaml $(DTYPE_PARAMS) \
 	  notebooks/$*.ipynb $(EXECUTED)/.tmp-$*.ipynb
 	@mv $(EXECUTED)/.tmp-$*.ipynb $@
@@ -79,7 +79,7 @@ nbval: $(INSTALLED)  ## run every notebook with smoke parameters under nbval (wr
 	@$(PY) -m replication.models gemma-3-270m > build/nbval/convert-gemma.log 2>&1 &
 	@for nb in $(NAMES); do \
 	  $(PY) -m papermill --prepare-only --log-level WARNING -k python3 \
-	    -f notebooks/params/family/smoke.yaml -f notebooks/params/$$nb/smoke.yaml $(DTYPE_PARAMS) \
+	    -p profile smoke -f notebooks/params/$$nb/smoke.yaml $(DTYPE_PARAMS) \
 	    notebooks/$$nb.ipynb build/nbval/$$nb.ipynb || exit 1; \
 	done
 	$(PY) -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=7200 --durations=0 \

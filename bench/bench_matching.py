@@ -98,7 +98,8 @@ def _reset_peak() -> bool:
 
 def child(solver: str, n: int, d: int, seed: int, out_npy: str, shared: float, decay: float) -> dict:
     """Build C, run one solver, report timings and memory (runs in its own process)."""
-    from replication.matching import cosine_matrix, solve_assignment_detailed
+    from replication.assignment import solve_assignment_detailed
+    from replication.matching import cosine_matrix
 
     A, B = sae_like_pair(n, d, shared=shared, decay=decay, seed=seed)
     t0 = time.perf_counter()

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from . import paths
 from .matching import DEFAULT_THRESHOLD, DEFINITIONS
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotImplementedError, TypeError, KeyError)
@@ -61,22 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def profile_names() -> list[str]:
-    """The profiles with a family file (`notebooks/params/family/<profile>.yaml`)."""
-    from . import paths
-
-    return sorted(p.stem for p in (paths.NOTEBOOKS_DIR / "params" / "family").glob("*.yaml"))
-
-
 def core_family_of(profile: str) -> tuple[str, str]:
     """(checkpoint folder, activation cache folder) of a profile's core family, with dtypes resolved here."""
-    import yaml
-
-    from . import paths
     from .activations import cache_folder
     from .experiments import FamilySpec, family_dir
 
-    spec = FamilySpec.from_params(yaml.safe_load((paths.NOTEBOOKS_DIR / "params" / "family" / f"{profile}.yaml").read_text()))
+    spec = FamilySpec.from_profile(profile)
     return str(family_dir(spec)), str(cache_folder(spec.activation_settings()))
 
 
@@ -104,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             from .compare import example_report
 
-            if not Path(args.family_dir).exists() and args.family_dir in profile_names():
+            if not Path(args.family_dir).exists() and args.family_dir in paths.profile_names():
                 args.family_dir, cache = core_family_of(args.family_dir)
                 args.activations = args.activations or cache
             report = example_report(args.family_dir, args.out, seeds=args.seeds, export_dir=args.export_dir,

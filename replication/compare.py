@@ -2,8 +2,8 @@
 
 `compare_saes(paths_or_objects)` joins the pieces the figure notebooks use -- `matching.match`
 (Hungarian matching, decoder and encoder separately), `matching.shared_masks`,
-`stability.bootstrap_ci`, `stability.chance_shared_fractions`, `stability.bimodality`, the exact
-k-seed curve with `stability.fit_power_law`, and `per_latent.stability_classes` -- into one
+`stats.bootstrap_ci`, `stability.chance_shared_fractions`, `stats.bimodality`, the exact
+k-seed curve with `stats.fit_power_law`, and `per_latent.stability_classes` -- into one
 `Report`, which `Report.write(folder)` saves atomically as
 
     report.json        every number (shared fractions with bootstrap intervals, chance, PW-MCC and
@@ -384,7 +384,7 @@ def compare_saes(saes: Sequence[Any], *, names: Sequence[str] | None = None, thr
     `activations` (array, file or activation cache) adds FVU, L0 and firing frequency per SAE.
     With `out_dir` the report is also written there (atomically). `progress`: True prints to stdout.
     """
-    from . import per_latent, stability
+    from . import per_latent, stability, stats
     from .sae import firing_counts
     from .training import evaluate_sae
 
@@ -433,7 +433,7 @@ def compare_saes(saes: Sequence[Any], *, names: Sequence[str] | None = None, thr
 
     # shared fractions: every pair with its first SAE as base, pooled
     pair_masks = [shared_masks(results[p], threshold) for p in pairs]
-    fractions = {d: stability.bootstrap_ci(np.concatenate([m[d] for m in pair_masks]), n_boot=n_boot, seed=seed)
+    fractions = {d: stats.bootstrap_ci(np.concatenate([m[d] for m in pair_masks]), n_boot=n_boot, seed=seed)
                  for d in DEFINITIONS}
     log("chance baseline (random directions) and untrained baseline")
     chance = stability.chance_shared_fractions(dirs[0], threshold, seed=seed, method=method)
@@ -487,7 +487,7 @@ def compare_saes(saes: Sequence[Any], *, names: Sequence[str] | None = None, thr
         fits = {}
         for d in dict.fromkeys((definition, *REPORT_DEFINITIONS)):
             kseed[d] = fm.kseed_curve(d, threshold)
-            fits[d] = (stability.fit_power_law(list(kseed[d]), list(kseed[d].values())) if len(kseed[d]) >= 4
+            fits[d] = (stats.fit_power_law(list(kseed[d]), list(kseed[d].values())) if len(kseed[d]) >= 4
                        else {"ok": False, "reason": f"a fit needs at least 4 points (k = 2..N, N >= 5 SAEs); "
                                                     f"have {len(kseed[d])}"})
         kseed_summary = {"definition": definition, "curves": {d: {str(k): v for k, v in c.items()} for d, c in kseed.items()},
@@ -508,7 +508,7 @@ def compare_saes(saes: Sequence[Any], *, names: Sequence[str] | None = None, thr
             freq_cols.append(freq)
         per_latent_df["firing_frequency"] = np.concatenate(freq_cols)
 
-    bimodal = stability.bimodality(all_cos)
+    bimodal = stats.bimodality(all_cos)
     summary = {
         "saes": names, "n_saes": n_sae, "n_latents": n, "d_in": d_in, "threshold": threshold,
         "definition": definition, "pairs": [[names[i], names[j]] for i, j in pairs],

@@ -138,13 +138,21 @@ def resolved_dtypes(model_dtype: str | None, select_dtype: str | None, device: s
             "select": resolve_dtype(select_dtype, device, "select_dtype")}
 
 
-def torch_dtype(name: str | torch.dtype) -> torch.dtype:
-    """torch.dtype for a resolved name (`auto` must be resolved first)."""
+def torch_dtype(name: str | torch.dtype | None) -> torch.dtype:
+    """torch.dtype for a dtype name ("float32", "torch.bfloat16", ...; None -> float32).
+
+    Weights may be float64 as well as the compute dtypes; `auto` must be resolved first.
+    """
+    if name is None:
+        return torch.float32
     if isinstance(name, torch.dtype):
         return name
     if name == AUTO:
         raise ValueError("dtype 'auto' must be resolved with resolve_dtype(name, device) first")
-    return getattr(torch, _check_name(name, "dtype"))
+    key = str(name).removeprefix("torch.")
+    if not isinstance(getattr(torch, key, None), torch.dtype):
+        raise ValueError(f"unknown dtype {name!r} (use e.g. 'float32', 'float64', 'bfloat16')")
+    return getattr(torch, key)
 
 
 def describe() -> dict[str, Any]:

@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import warnings
+from dataclasses import replace
 from typing import Any, Sequence
 
 import numpy as np
-import yaml
 
 from . import paths
 from .experiments import FamilySpec, SeedFamily, seed_family
@@ -86,12 +86,12 @@ def seed_bootstrap(per_dtype: dict[str, dict[str, np.ndarray]], n_boot: int = 20
     return out
 
 
-def dtype_agreement(params: dict[str, Any], dtypes: Sequence[str] = ("float32", "bfloat16"), n_boot: int = 2000,
+def dtype_agreement(base: FamilySpec, dtypes: Sequence[str] = ("float32", "bfloat16"), n_boot: int = 2000,
                     progress: bool = True) -> dict[str, Any]:
-    """Train the family of `params` once per forced dtype (forward + selection) and compare them."""
+    """Train the family `base` once per forced dtype (forward + selection) and compare them."""
     per_dtype, specs = {}, {}
     for name in dtypes:
-        spec = FamilySpec.from_params({**params, "model_dtype": name, "select_dtype": name})
+        spec = replace(base, model_dtype=name, select_dtype=name)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)   # forced bf16 on a CPU that emulates it: slow, allowed
             family = seed_family(spec, progress=progress)
@@ -104,15 +104,6 @@ def dtype_agreement(params: dict[str, Any], dtypes: Sequence[str] = ("float32", 
         raise RuntimeError(f"the dtype runs read different corpora ({hashes}); they must share the text")
     return {"families": specs, "comparison": seed_bootstrap(per_dtype, n_boot=n_boot),
             "definition": "threshold", "threshold": DEFAULT_THRESHOLD}
-
-
-def profile_params(profile: str) -> dict[str, Any]:
-    """The family settings of a profile (`notebooks/params/family/<profile>.yaml`)."""
-    path = paths.NOTEBOOKS_DIR / "params" / "family" / f"{profile}.yaml"
-    if not path.exists():
-        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise ValueError(f"unknown profile {profile!r}: choose one of {known}")
-    return yaml.safe_load(path.read_text())
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -134,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--profile", default="smoke")
     ap.add_argument("--n-boot", type=int, default=2000)
     args = ap.parse_args(argv)
-    report = dtype_agreement(profile_params(args.profile), n_boot=args.n_boot)
+    report = dtype_agreement(FamilySpec.from_profile(args.profile), n_boot=args.n_boot)
     report["profile"] = args.profile
     out = paths.figures_dir(args.profile) / "dtype_agreement.json"
     write_json_atomic(out, report, strict=True)

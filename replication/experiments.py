@@ -26,6 +26,8 @@ from .io import settings_key
 class FamilySpec:
     """Everything that defines a seed family: activations, SAE architecture, training, seeds."""
 
+    # Defaults equal `notebooks/params/family/default.yaml` (tests/test_experiments.py fails if they drift);
+    # notebooks never rely on them: they call `FamilySpec.from_profile(profile)`.
     # activations
     model_name: str = "smollm2-135m"
     hook: str = "blocks.15.hook_mlp_out"
@@ -39,19 +41,19 @@ class FamilySpec:
     store_dtype: str = "float16"         # activations on disk; "float32" for models with huge outliers (Gemma)
     # SAE and training
     architecture: str = "topk"
-    n_latents: int = 4096
+    n_latents: int = 1024
     k: int | None = 32
     l1_coefficient: float = 0.2
     seeds: tuple[int, ...] = tuple(range(9))
     batch_size: int = 1024
-    n_tokens: int | None = None          # training budget; None = one epoch of the cached tokens
+    n_tokens: int | None = 4_000_000     # training budget; None = one epoch of the cached tokens
     data_seed: int = 0
-    lr: float | None = None              # None: sparsify's 2e-4 / sqrt(n_latents / 2**14), times lr_scale
-    lr_scale: float = 1.0                # >1 compensates for runs far shorter than the paper's ~122k steps
+    lr: float | None = None              # None: `training.learning_rate(n_latents, lr_scale)`
+    lr_scale: float = 4.0                # >1 compensates for runs far shorter than the paper's ~122k steps
     select_dtype: str | None = "auto"    # top-k chosen in this dtype (as sparsify's autocast); "auto" as model_dtype
     device: str = "cpu"                  # "cpu", "cuda[:N]" or "auto" (cuda where visible)
     extra_hooks: tuple[str, ...] = field(default_factory=tuple)  # more hooks cached in the same pass
-    checkpoint_at_tokens: tuple[int, ...] = field(default_factory=tuple)  # intermediate checkpoints (tokens ablation)
+    checkpoint_at_tokens: tuple[int, ...] = (125_000, 250_000, 500_000, 1_000_000, 2_000_000)  # tokens ablation
 
     def resolved_device(self) -> str:
         """The device this family computes on (`auto` resolved)."""
@@ -84,12 +86,38 @@ class FamilySpec:
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "FamilySpec":
-        """Build from a notebook's parameter dict, ignoring keys that are not spec fields."""
+        """Build from a parameter dict (e.g. a figure JSON's recorded spec), ignoring keys that are not spec fields."""
         known = {k: v for k, v in params.items() if k in cls.__dataclass_fields__}
         for key in ("seeds", "corpus_sources", "extra_hooks", "checkpoint_at_tokens"):
             if known.get(key) is not None:
                 known[key] = tuple(known[key])
         return cls(**known)
+
+    @classmethod
+    def from_profile(cls, profile: str = "default", **overrides: Any) -> "FamilySpec":
+        """The family of `notebooks/params/family/<profile>.yaml`, the one home of the family settings,
+        with `overrides` on top (a notebook passes its papermill overrides, e.g. `-p n_latents 512`)."""
+        import yaml
+
+        path = paths.family_params_file(profile)
+        if not path.exists():
+            raise ValueError(f"unknown profile {profile!r}: no {path}; choose one of {paths.profile_names()}")
+        params = yaml.safe_load(path.read_text()) or {}
+        for source, keys in ((str(path), params), ("overrides", overrides)):
+            unknown = sorted(set(keys) - set(cls.__dataclass_fields__))
+            if unknown:
+                raise ValueError(f"{source}: {unknown} are not family settings; "
+                                 f"the fields are {sorted(cls.__dataclass_fields__)}")
+        return cls.from_params({**params, **overrides})
+
+
+def family_overrides(namespace: dict[str, Any]) -> dict[str, Any]:
+    """The family settings a notebook's namespace sets (papermill `-p n_latents 512` defines `n_latents`).
+
+    Notebooks call `FamilySpec.from_profile(profile, **family_overrides(globals()))` in their first
+    cell, where the namespace holds only the parameters cell and papermill's injected values.
+    """
+    return {k: v for k, v in namespace.items() if k in FamilySpec.__dataclass_fields__}
 
 
 @dataclass
@@ -164,9 +192,9 @@ def family_dir(spec: FamilySpec) -> Path:
 
 
 def _train_configs(spec: FamilySpec):
-    from .training import TrainConfig
+    from .training import TrainConfig, learning_rate
 
-    lr = spec.lr if spec.lr is not None else TrainConfig(n_latents=spec.n_latents).resolved_lr() * spec.lr_scale
+    lr = learning_rate(spec.n_latents, spec.lr_scale, spec.lr)
     return [
         TrainConfig(architecture=spec.architecture, n_latents=spec.n_latents, k=spec.k, seed=seed, lr=lr,
                     l1_coefficient=spec.l1_coefficient, select_dtype=spec.resolved_dtypes()["select"],

@@ -35,6 +35,8 @@ import torch
 from . import paths
 from .activations import heldout_token_windows
 from .io import atomic_path, read_json, settings_key, write_json_atomic
+from .sae import on_device
+from .stats import auc, balanced_accuracy, spearman_with_permutation
 
 INTERP_DIR_NAME = "interpretability"
 FORMAT_VERSION = 1
@@ -175,24 +177,13 @@ def load_trained_family(spec, train_if_missing: bool = True, progress: bool = Fa
 
 # --------------------------------------------------------------------------- latent activations
 @torch.no_grad()
-def dense_latents(sae, x: torch.Tensor) -> torch.Tensor:
-    """Dense latent activations `[B, n_latents]` of any SAE class (TopK codes scattered)."""
-    code = sae.encode(x)
-    if isinstance(code, tuple):
-        values, indices = code
-        out = torch.zeros(x.shape[0], sae.n_latents, dtype=values.dtype, device=x.device)
-        return out.scatter_(1, indices, values.clamp_min(0))
-    return code
-
-
-@torch.no_grad()
 def token_activations(sae, activations: np.ndarray, rows: np.ndarray, latents: np.ndarray | None = None,
                       device: str | torch.device | None = None) -> np.ndarray:
     """Latent activations at the given activation rows: float32 `[*rows.shape, n_latents or len(latents)]`."""
     rows = np.asarray(rows)
     device = torch.device(device) if device is not None else sae.device
     flat = torch.as_tensor(np.asarray(activations[rows.reshape(-1)], dtype=np.float32), device=device)
-    dense = dense_latents(sae, flat.to(sae.dtype) * sae.input_scale).float()
+    dense = sae.encode_activations(flat).dense(sae.n_latents).float()
     if latents is not None:
         dense = dense[:, torch.as_tensor(np.asarray(latents), device=device)]
     return dense.cpu().numpy().reshape(*rows.shape, -1)
@@ -204,10 +195,7 @@ def context_max(sae, activations: np.ndarray, contexts: HeldoutContexts, batch_c
     """Per-context maximum activation of every latent: float32 `[n_contexts, n_latents]`."""
     if activations.shape[0] != contexts.n_rows:
         raise ValueError(f"activations have {activations.shape[0]} rows, the contexts were cut from {contexts.n_rows}")
-    if device is not None and torch.device(device) != sae.device:
-        import copy
-
-        sae = copy.deepcopy(sae).to(device)
+    sae = on_device(sae, device)
     out = np.zeros((contexts.n_contexts, sae.n_latents), np.float32)
     for start in range(0, contexts.n_contexts, batch_contexts):
         idx = np.arange(start, min(start + batch_contexts, contexts.n_contexts))
@@ -340,27 +328,6 @@ def latent_examples_batch(sae, activations: np.ndarray, contexts: HeldoutContext
     return out
 
 
-# --------------------------------------------------------------------------- metrics
-def balanced_accuracy(labels: np.ndarray, predicted: np.ndarray) -> float:
-    """Mean of the true-positive and true-negative rates (0.5 = chance, whatever the class balance)."""
-    labels, predicted = np.asarray(labels, bool), np.asarray(predicted, bool)
-    if labels.shape != predicted.shape:
-        raise ValueError(f"labels {labels.shape} and predictions {predicted.shape} differ in shape")
-    if labels.all() or not labels.any():
-        raise ValueError("balanced accuracy needs both activating and non-activating contexts")
-    return float(0.5 * (predicted[labels].mean() + (~predicted[~labels]).mean()))
-
-
-def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve, P(score_pos > score_neg) with ties counted half: threshold-free separability."""
-    labels, scores = np.asarray(labels, bool), np.asarray(scores, np.float64)
-    pos, neg = scores[labels], scores[~labels]
-    if len(pos) == 0 or len(neg) == 0:
-        raise ValueError("AUROC needs both activating and non-activating contexts")
-    diff = pos[:, None] - neg[None, :]
-    return float((diff > 0).mean() + 0.5 * (diff == 0).mean())
-
-
 # --------------------------------------------------------------------------- running explainer + scorer
 def _results_path(sae_hash: str, settings: ContextSettings, contexts: HeldoutContexts, explainer, scorer) -> Path:
     key = settings_key({"sae": sae_hash, "contexts": settings.key(), "source": contexts.source,
@@ -429,9 +396,9 @@ def _row(sel: LatentContexts, explanation, labels, outcome, explainer, scorer, e
     }
     if outcome is not None:
         decisions, scores = (np.asarray(o) for o in outcome)
-        decisions = decisions.astype(bool)
+        decisions, labels = decisions.astype(bool), np.asarray(labels, bool)
         row.update(explanation=explanation.text, rule=explanation.rule,
-                   balanced_accuracy=balanced_accuracy(labels, decisions), auroc=auroc(labels, scores),
+                   balanced_accuracy=balanced_accuracy(labels, decisions), auroc=auc(scores[labels], scores[~labels]),
                    balanced_accuracy_at_zero=balanced_accuracy(labels, scores > 0),
                    tpr=float(decisions[labels].mean()), tnr=float((~decisions[~labels]).mean()))
     return row
@@ -484,22 +451,6 @@ def table1_pairs(pairs: pd.DataFrame, bins: Sequence[float] = (0.0, 0.2, 0.4, 0.
         key = inside.score_1 + inside.score_2 if mid > threshold else inside.score_1 - inside.score_2
         rows.append({"bin": f"[{lo:.1f}, {hi:.1f})", **inside.loc[key.idxmax()].to_dict()})
     return pd.DataFrame(rows)
-
-
-def spearman_with_permutation(x: np.ndarray, y: np.ndarray, n_perm: int = 2000, seed: int = 0) -> dict[str, float]:
-    """Spearman rho of x and y and a two-sided permutation p-value (NaNs dropped)."""
-    from scipy.stats import rankdata
-
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    ok = np.isfinite(x) & np.isfinite(y)
-    x, y = rankdata(x[ok]), rankdata(y[ok])
-    if len(x) < 3 or x.std() == 0 or y.std() == 0:
-        return {"rho": float("nan"), "p_value": float("nan"), "n": int(len(x))}
-    rho = float(np.corrcoef(x, y)[0, 1])
-    rng = np.random.default_rng(seed)
-    perms = np.array([np.corrcoef(x, rng.permutation(y))[0, 1] for _ in range(n_perm)])
-    p = float((np.sum(np.abs(perms) >= abs(rho) - 1e-12) + 1) / (n_perm + 1))
-    return {"rho": rho, "p_value": p, "n": int(len(x))}
 
 
 # --------------------------------------------------------------------------- notebook-level helpers
@@ -565,33 +516,3 @@ def summary_numbers(scores: pd.DataFrame, pairs: pd.DataFrame, n_other: int, hig
     }
 
 
-def score_panel(ax, scores: pd.DataFrame, n_other: int, overlay: pd.DataFrame | None = None,
-                label: str = "lexical", overlay_label: str = "LLM") -> None:
-    """Figure 6 left: score distribution per shared count (boxes), optional overlay points."""
-    groups = [scores.loc[scores.shared_count == c, "balanced_accuracy"].dropna().to_numpy() for c in range(n_other + 1)]
-    keep = [i for i, g in enumerate(groups) if len(g)]
-    ax.boxplot([groups[i] for i in keep], positions=keep, widths=0.6, showfliers=False,
-               medianprops={"color": "tab:blue"})
-    ax.plot([], [], color="tab:blue", label=f"{label} (boxes)")
-    if overlay is not None and len(overlay.dropna(subset=["balanced_accuracy"])):
-        o = overlay.dropna(subset=["balanced_accuracy"])
-        jitter = np.random.default_rng(0).uniform(-0.15, 0.15, len(o))
-        ax.scatter(o.shared_count + jitter, o.balanced_accuracy, s=22, color="tab:red", zorder=3, label=overlay_label)
-    ax.axhline(0.5, color="grey", ls=":", lw=1)
-    ax.set_xlabel(f"number of other seeds the latent is shared with (of {n_other})")
-    ax.set_ylabel("detection score (balanced accuracy)")
-    ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=8, loc="lower right")
-
-
-def pair_panel(ax, pairs: pd.DataFrame, title: str, size: float = 8) -> Any:
-    """Figure 6 right: seed-1 vs seed-2 scores of matched pairs, coloured by alignment."""
-    p = pairs.dropna(subset=["score_1", "score_2"])
-    sc = ax.scatter(p.score_1, p.score_2, c=p.alignment, cmap="viridis", vmin=0, vmax=1, s=size, alpha=0.8)
-    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
-    ax.set_xlim(0, 1.02)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("score, seed 1")
-    ax.set_ylabel("score of its matched latent, seed 2")
-    ax.set_title(title)
-    return sc

@@ -14,7 +14,8 @@ import numpy as np
 
 from .directions import LatentDirections
 from .matching import cosine_matrix, match
-from .stability import random_directions_like, statistic
+from .stability import random_directions_like
+from .stats import hierarchical_bootstrap
 
 
 def matched_cosines(a: LatentDirections, b: LatentDirections, live_a: np.ndarray | None = None,
@@ -77,26 +78,6 @@ def stability_fraction(cosines: np.ndarray | Sequence[np.ndarray], threshold: fl
     if x.size == 0:
         raise ValueError("no matched cosines")
     return float((x >= threshold).mean())
-
-
-def hierarchical_bootstrap(groups: Sequence[np.ndarray], n_boot: int = 1000, ci: float = 0.95, seed: int = 0,
-                           stat: str = "median") -> dict[str, Any]:
-    """Two-level percentile bootstrap of the pooled median (or mean) of several groups (seed pairs):
-    resample the groups, then the values within each. Seed pairs share seeds and latents within a
-    pair are not independent, so resampling pairs as well widens the interval honestly."""
-    groups = [np.asarray(g, np.float64).ravel() for g in groups]
-    if not groups or any(g.size == 0 for g in groups):
-        raise ValueError("hierarchical_bootstrap needs non-empty groups")
-    f = statistic(stat)
-    rng = np.random.default_rng(seed)
-    boots = np.empty(n_boot)
-    for b in range(n_boot):
-        pick = rng.integers(0, len(groups), len(groups))
-        boots[b] = f(np.concatenate([groups[g][rng.integers(0, groups[g].size, groups[g].size)] for g in pick]))
-    a = (1 - ci) / 2
-    low, high = np.quantile(boots, [a, 1 - a])
-    return {"estimate": float(f(np.concatenate(groups))), "low": float(low), "high": float(high), "stat": stat,
-            "ci": ci, "n_boot": n_boot, "n_groups": len(groups), "seed": seed}
 
 
 def summarise(cosines: Sequence[np.ndarray], thresholds: Sequence[float] = (0.9, 0.7), n_boot: int = 1000,

@@ -35,6 +35,16 @@ def package_dir(package: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def family_params_file(profile: str) -> Path:
+    """`notebooks/params/family/<profile>.yaml`: the one home of a profile's seed-family settings."""
+    return NOTEBOOKS_DIR / "params" / "family" / f"{profile}.yaml"
+
+
+def profile_names() -> list[str]:
+    """The profiles that have a family file."""
+    return sorted(p.stem for p in (NOTEBOOKS_DIR / "params" / "family").glob("*.yaml"))
+
+
 def ensure_dir(path: Path) -> Path:
     """Create `path` (and parents) if missing and return it."""
     path.mkdir(parents=True, exist_ok=True)

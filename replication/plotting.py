@@ -11,6 +11,8 @@ from typing import Any
 
 import matplotlib
 import matplotlib.ticker
+import numpy as np
+import pandas as pd
 
 matplotlib.use("Agg", force=False)
 import matplotlib.pyplot as plt  # noqa: E402
@@ -88,8 +90,6 @@ DEFINITION_STYLE = {
 def cosine_scatter_kde(ax, dec_cos, enc_cos, agree, threshold: float = 0.7, max_points: int = 20_000, seed: int = 0) -> None:
     """Figure 1: each base latent at (decoder cosine, encoder cosine) of its matched partners,
     coloured by whether the encoder and decoder matchings agree, with KDE density contours."""
-    import numpy as np
-    import pandas as pd
     import seaborn as sns
 
     df = pd.DataFrame({"decoder cosine": dec_cos, "encoder cosine": enc_cos,
@@ -113,7 +113,6 @@ def cosine_scatter_kde(ax, dec_cos, enc_cos, agree, threshold: float = 0.7, max_
 
 def kseed_panels(ax_lin, ax_log, ks, only_in_base, fits: dict, errors=None) -> None:
     """Figure 2: fraction of latents found only in the base SAE vs number of seeds, with both power-law fits."""
-    import numpy as np
 
     ks = np.asarray(ks, float)
     y = np.asarray(only_in_base, float)
@@ -153,7 +152,6 @@ def frequency_similarity_panels(ax_scatter, ax_linear, ax_log, log10_frequency, 
     """Figure 3: similarity vs log firing frequency (coloured by number of seeds shared with), and
     stacked histograms of firing frequency per shared-count group on a split count axis —
     logarithmic below `split` (rare bins stay visible) and linear above, as in the paper."""
-    import numpy as np
 
     cmap = plt.get_cmap("viridis", n_other + 1)
     x = np.asarray(log10_frequency, float)
@@ -198,7 +196,6 @@ def overlap_sweep_panel(ax, frame, axis: str, definitions=("threshold", "agree",
                         xlabel: str | None = None, categorical: bool = False) -> None:
     """Figures 4-5: shared fraction per sweep point and definition, with the 95% bootstrap interval
     as error bars and each seed pair as a faint dot (the spread over seeds)."""
-    import numpy as np
 
     values = list(dict.fromkeys(frame[axis]))
     xs = np.arange(len(values)) if categorical else np.asarray(values, dtype=float)
@@ -223,7 +220,6 @@ def overlap_sweep_panel(ax, frame, axis: str, definitions=("threshold", "agree",
 
 def a3_panel(ax, frame, axis: str, log_x: bool = False, xlabel: str | None = None, categorical: bool = False) -> None:
     """Figure A3: mean Hungarian-matched cosine vs mean max cosine (decoder and encoder) per sweep point."""
-    import numpy as np
 
     sub = frame.drop_duplicates(axis).set_index(axis)
     values = list(sub.index)
@@ -235,3 +231,36 @@ def a3_panel(ax, frame, axis: str, log_x: bool = False, xlabel: str | None = Non
     ax.set_xlabel(xlabel or axis)
     ax.set_ylabel("mean cosine over latents")
     ax.legend(fontsize=7)
+
+
+# --------------------------------------------------------------------------- Figure 6 panels
+def score_panel(ax, scores: pd.DataFrame, n_other: int, overlay: pd.DataFrame | None = None,
+                label: str = "lexical", overlay_label: str = "LLM") -> None:
+    """Figure 6 left: score distribution per shared count (boxes), optional overlay points."""
+    groups = [scores.loc[scores.shared_count == c, "balanced_accuracy"].dropna().to_numpy() for c in range(n_other + 1)]
+    keep = [i for i, g in enumerate(groups) if len(g)]
+    ax.boxplot([groups[i] for i in keep], positions=keep, widths=0.6, showfliers=False,
+               medianprops={"color": "tab:blue"})
+    ax.plot([], [], color="tab:blue", label=f"{label} (boxes)")
+    if overlay is not None and len(overlay.dropna(subset=["balanced_accuracy"])):
+        o = overlay.dropna(subset=["balanced_accuracy"])
+        jitter = np.random.default_rng(0).uniform(-0.15, 0.15, len(o))
+        ax.scatter(o.shared_count + jitter, o.balanced_accuracy, s=22, color="tab:red", zorder=3, label=overlay_label)
+    ax.axhline(0.5, color="grey", ls=":", lw=1)
+    ax.set_xlabel(f"number of other seeds the latent is shared with (of {n_other})")
+    ax.set_ylabel("detection score (balanced accuracy)")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=8, loc="lower right")
+
+
+def pair_panel(ax, pairs: pd.DataFrame, title: str, size: float = 8) -> Any:
+    """Figure 6 right: seed-1 vs seed-2 scores of matched pairs, coloured by alignment."""
+    p = pairs.dropna(subset=["score_1", "score_2"])
+    sc = ax.scatter(p.score_1, p.score_2, c=p.alignment, cmap="viridis", vmin=0, vmax=1, s=size, alpha=0.8)
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("score, seed 1")
+    ax.set_ylabel("score of its matched latent, seed 2")
+    ax.set_title(title)
+    return sc

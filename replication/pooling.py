@@ -96,7 +96,7 @@ def pooled_sae(pool: Pool, saes: Sequence[TopKSAE], n_latents: int | None = None
     if fill not in ("random", "base"):
         raise ValueError(f"fill must be 'random' or 'base'; got {fill!r}")
     ref = saes[0]
-    if not all(isinstance(s, TopKSAE) for s in saes):
+    if any(s.architecture != "topk" for s in saes):
         raise ValueError("pooling is implemented for TopK SAEs only")
     if any(s.d_in != ref.d_in or s.k != ref.k for s in saes):
         raise ValueError("every build SAE must have the same d_in and k")
@@ -175,7 +175,7 @@ def pooling_experiment(family, n_eval_seeds: int, min_shared: int, fills: Sequen
     hook = family.spec.hook
     heldout = np.asarray(family.cache.heldout(hook))
     if lr is None:
-        lr = training.TrainConfig(n_latents=family.spec.n_latents).resolved_lr() * family.spec.lr_scale
+        lr = training.learning_rate(family.spec.n_latents, family.spec.lr_scale, family.spec.lr)
     tune_kw = dict(batch_size=family.spec.batch_size, lr=lr, input_scale=family.cache.input_scale(hook),
                    data_seed=data_seed, select_dtype=family.spec.select_dtype, heldout=heldout, device=family.spec.device)
     key = settings_key({"sources": [d.content_hash for d in family.directions], "n_eval": n_eval_seeds,

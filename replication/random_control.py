@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from .matching import DEFAULT_THRESHOLD, match, shared_fractions
-from .stability import chance_shared_fractions, permutation_test
+from .stability import chance_shared_fractions
+from .stats import auc, permutation_test
 
 
 def control_specs(base, **overrides: Any):
@@ -51,17 +52,6 @@ def family_stability(family, threshold: float = DEFAULT_THRESHOLD, definition: s
     }
 
 
-def auc(x: np.ndarray, y: np.ndarray) -> float:
-    """P(a value of x > a value of y) + 0.5 P(tie): the Mann-Whitney AUC (0.5 = no separation)."""
-    x, y = np.asarray(x, np.float64).ravel(), np.asarray(y, np.float64).ravel()
-    if x.size == 0 or y.size == 0:
-        raise ValueError("both samples must be non-empty")
-    from scipy.stats import rankdata
-
-    ranks = rankdata(np.concatenate([x, y]))
-    return float((ranks[:x.size].sum() - x.size * (x.size + 1) / 2) / (x.size * y.size))
-
-
 def separation(real: dict[str, Any], random: dict[str, Any], n_perm: int = 2000, seed: int = 0) -> dict[str, Any]:
     """Does stability tell the real model from the random one? Permutation test on the pair
     fractions and the AUC of per-latent stability (real > random)."""
@@ -78,4 +68,4 @@ def cross_model_shared(real_family, random_family, threshold: float = DEFAULT_TH
     return shared_fractions(res, threshold)["threshold"]
 
 
-__all__ = ["control_specs", "family_stability", "auc", "separation", "cross_model_shared"]
+__all__ = ["control_specs", "family_stability", "separation", "cross_model_shared"]

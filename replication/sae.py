@@ -1,14 +1,20 @@
 """Sparse autoencoder architectures with one shared interface.
 
-Every class exposes `encode`, `decode`, `forward(x) -> dict`, `latent_directions()`,
-`n_latents`, `d_in` and `training_loss(...)`. Parameter names equal the tensor names of
-the `sparsify` checkpoint layout (`encoder.weight [n, d_in]`, `encoder.bias [n]`,
-`W_dec [n, d_in]`, `b_dec [d_in]`), so a state dict is the checkpoint.
+Every class exposes the same methods, so no caller branches on the architecture:
+
+* `encode(x) -> Code` (one type: sparse values/indices for TopK, dense values otherwise) and
+  `decode(code)`; `forward(x) -> dict`; `latent_directions()`, `n_latents`, `d_in`;
+* the input scale lives inside the SAE: `encode_activations(x)` and `reconstruct(x, keep)` take
+  model-unit activations (`encode`/`decode` work in SAE units, what the trainer feeds);
+* `loss_and_grads(...)`: one training step's loss and gradients; the trainer calls only this;
+* `iter_codes(sae, activations)`: the one batch loop over activation rows.
+
+Parameter names equal the tensor names of the `sparsify` checkpoint layout (`encoder.weight
+[n, d_in]`, `encoder.bias [n]`, `W_dec [n, d_in]`, `b_dec [d_in]`), so a state dict is the checkpoint.
 
 * `TopKSAE` is the `sparsify` SAE the paper trained: `z = TopK(ReLU(W_enc (x - b_dec) + b_enc))`,
   `x_hat = W_dec^T z + b_dec`. Its gradients come from a sparse backward (only the k selected
-  latents per token carry gradient): `TopKAutoencode` (an autograd Function) and
-  `topk_loss_and_grads` (the trainer's manual, buffer-reusing path) share the same kernels.
+  latents per token carry gradient), in `topk_kernels`.
 * `ReLUSAE`: ReLU + L1, the L1 weighted by decoder row norms (as SAELens does).
 * `GatedSAE`: Rajamanoharan et al. 2024 (`b_gate`, `b_mag`, `r_mag`, auxiliary loss through a
   frozen decoder copy).
@@ -23,26 +29,59 @@ nothing else (in particular not the data stream) and init is device independent.
 """
 from __future__ import annotations
 
+import copy
 import math
-import warnings
-from typing import Any
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
+from .devices import torch_dtype
 from .directions import LatentDirections
+from .topk_kernels import TopKAutoencode, fired_from_topk, topk_loss_and_grads, topk_select
 
 ARCHITECTURES = ("topk", "relu", "gated", "jumprelu", "batchtopk")
 
 
-def _csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
-    """A CSR tensor built without invariant checks: the kernels below only build valid ones
-    (sorted, in-range indices). Silences torch's once-per-process "beta" warning."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
+class Code(NamedTuple):
+    """A batch's latent code, one type for every architecture.
+
+    TopK: `values [B, k]` and `indices [B, k]` (sparse; scattering costs `B x n_latents` memory).
+    The others: dense `values [B, n_latents]` and `indices` None.
+    """
+
+    values: Tensor
+    indices: Tensor | None
+
+    def dense(self, n_latents: int) -> Tensor:
+        """`[B, n_latents]` activations."""
+        if self.indices is None:
+            return self.values
+        out = torch.zeros(self.values.shape[0], n_latents, dtype=self.values.dtype, device=self.values.device)
+        return out.scatter_(1, self.indices, self.values.clamp_min(0))
+
+    def masked(self, keep: Tensor) -> "Code":
+        """The code with every latent outside `keep` (bool `[n_latents]`) set to zero."""
+        if self.indices is None:
+            return Code(self.values * keep, None)
+        return Code(self.values * keep[self.indices], self.indices)
+
+    def totals(self, n_latents: int) -> Tensor:
+        """float64 `[n_latents]`: each latent's summed activation over the batch."""
+        if self.indices is None:
+            return self.values.double().sum(0)
+        out = torch.zeros(n_latents, dtype=torch.float64, device=self.values.device)
+        return out.index_add_(0, self.indices.reshape(-1), self.values.reshape(-1).double())
+
+    def fired(self, n_latents: int) -> Tensor:
+        """Bool `[B, n_latents]`: latent active (> 0) on the token."""
+        if self.indices is None:
+            return self.values > 0
+        mask = torch.zeros(self.values.shape[0], n_latents, dtype=torch.bool, device=self.values.device)
+        return mask.scatter_(1, self.indices, self.values > 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,20 +101,14 @@ def _unit_rows(weight: Tensor) -> Tensor:
     return weight / (torch.norm(weight, dim=1, keepdim=True) + eps)
 
 
-def _to_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    name = str(dtype).removeprefix("torch.")
-    if not hasattr(torch, name) or not isinstance(getattr(torch, name), torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r} (use e.g. 'float32', 'float64', 'bfloat16')")
-    return getattr(torch, name)
-
-
 # ----------------------------------------------------------------------------------------------
 # base class
 # ----------------------------------------------------------------------------------------------
+def _total_variance(x: Tensor, total_variance: Tensor | None) -> Tensor:
+    """The FVU denominator: the batch's summed squared deviation from its mean, unless given."""
+    return (x - x.mean(0)).pow(2).sum() if total_variance is None else total_variance
+
+
 class SAEBase(nn.Module):
     """Shared plumbing: shapes, decoder-norm maintenance, directions, cfg for checkpoints."""
 
@@ -88,7 +121,7 @@ class SAEBase(nn.Module):
         self.d_in = int(d_in)
         self.n_latents = int(n_latents)
         self.normalize_decoder = bool(normalize_decoder)
-        # The trainer multiplies every batch by this; users must do the same before `encode`.
+        # Model-unit activations times this are what `encode` takes; `encode_activations` applies it.
         self.input_scale = float(input_scale)
 
     # -- properties ------------------------------------------------------------------------
@@ -144,9 +177,56 @@ class SAEBase(nn.Module):
             "input_scale": self.input_scale,
         }
 
+    def loss_and_grads(self, x: Tensor, total_variance: Tensor, *, l1_coefficient: float = 0.0, step: int = 0,
+                       total_steps: int = 1, dead_mask: Tensor | None = None, auxk_alpha: float = 0.0,
+                       workspace: dict[str, Tensor] | None = None, select_dtype: torch.dtype | None = None) -> dict[str, Any]:
+        """One training step's loss and gradients (written into `.grad`); returns the step's stats
+        (`fvu`, `l0`, `fired`). Each architecture brings its own: autograd through `training_loss`
+        here, the sparse manual backward for TopK. The trainer calls only this."""
+        for p in self.parameters():
+            p.grad = None
+        loss, stats = self.training_loss(x, total_variance=total_variance, l1_coefficient=l1_coefficient,
+                                         step=step, total_steps=total_steps)
+        loss.backward()
+        return stats
+
+    # -- the interface every architecture shares --------------------------------------------
+    def activations(self, x: Tensor) -> Tensor:
+        """Dense latent activations `[B, n_latents]` of the (scaled) input; each dense architecture defines it."""
+        raise NotImplementedError
+
+    def encode(self, x: Tensor) -> Code:
+        """The latent code of `x` (in SAE units, i.e. already multiplied by `input_scale`)."""
+        return Code(self.activations(x), None)
+
+    def decode(self, code: Code, bias: bool = True) -> Tensor:
+        """Reconstruction `[B, d_in]` in SAE units (`bias=False`: the latents' sum only)."""
+        out = code.values @ self.W_dec
+        return out + self.b_dec if bias else out
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        code = self.encode(x)
+        return {"x_hat": self.decode(code), "latents": code.values}
+
+    def scaled(self, x: Tensor) -> Tensor:
+        """Model-unit activations in this SAE's units: `x * input_scale`, in the SAE's dtype and device."""
+        return x.to(self.device, self.dtype) * self.input_scale
+
+    def encode_activations(self, x: Tensor) -> Code:
+        """The code of model-unit activations (the input scale is applied here, not by callers)."""
+        return self.encode(self.scaled(x))
+
+    def reconstruct(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+        """Reconstruction of model-unit activations, in model units (float32); `keep` (bool `[n_latents]`)
+        zeroes every other latent after encoding."""
+        code = self.encode_activations(x)
+        if keep is not None:
+            code = code.masked(keep)
+        return (self.decode(code) / self.input_scale).float()
+
     def firing_mask(self, x: Tensor) -> Tensor:
-        """Bool `[B, n_latents]`: latent active on a token (dense architectures: act > 0)."""
-        return self.encode(x) > 0
+        """Bool `[B, n_latents]`: latent active on a token."""
+        return self.encode(x).fired(self.n_latents)
 
     def count_firing(self, x: Tensor) -> Tensor:
         """Int64 `[n_latents]`: on how many tokens of `x` each latent is active."""
@@ -157,7 +237,7 @@ class SAEBase(nn.Module):
 
         Every architecture shares these tensors (sparsify names); `reset_parameters` fills them.
         """
-        dtype = _to_dtype(dtype)
+        dtype = torch_dtype(dtype)
         self.encoder = _empty_linear(self.d_in, self.n_latents, encoder_bias, device, dtype)
         self.W_dec = nn.Parameter(torch.zeros(self.n_latents, self.d_in, device=device, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(self.d_in, device=device, dtype=dtype))
@@ -190,120 +270,6 @@ def _empty_linear(d_in: int, n: int, bias: bool, device: Any, dtype: torch.dtype
 # ----------------------------------------------------------------------------------------------
 # TopK: sparse kernels
 # ----------------------------------------------------------------------------------------------
-def _latent_major_pattern(indices: Tensor, n_latents: int) -> tuple[Tensor, Tensor, Tensor]:
-    """CSR pattern of the `[n_latents, B]` matrix whose (i, b) entry is set when token b selected i.
-
-    Returns (crow, col, order): `values.reshape(-1)[order]` lays `[B, K]` values out in it.
-    """
-    flat = indices.reshape(-1)
-    if flat.device.type == "cpu" and n_latents <= 65536:
-        # numpy's stable sort of uint16 keys is a single-threaded radix sort: ~0.3 ms here, where
-        # torch's parallel argsort degrades to tens of ms when other jobs load the CPU.
-        keys = flat.numpy().astype(np.uint16)
-        order = torch.from_numpy(np.argsort(keys, kind="stable"))
-    else:
-        order = torch.argsort(flat, stable=True)
-    crow = torch.zeros(n_latents + 1, dtype=torch.int64, device=indices.device)
-    torch.cumsum(torch.bincount(flat, minlength=n_latents), 0, out=crow[1:])
-    col = torch.div(order, indices.shape[1], rounding_mode="floor")
-    return crow, col, order
-
-
-def _latent_by_token_mm(pattern: tuple[Tensor, Tensor, Tensor], values: Tensor, dense: Tensor,
-                        n_latents: int, out: Tensor | None, accumulate: bool) -> Tensor:
-    """`S^T @ dense` where S is `[B, n]` with `values [B, K]` at the selected columns: `[n, d]`."""
-    crow, col, order = pattern
-    mat = _csr(crow, col, values.reshape(-1)[order], (n_latents, dense.shape[0]))
-    if out is None:
-        return mat @ dense
-    if accumulate:
-        return out.addmm_(mat, dense)
-    return torch.mm(mat, dense, out=out)
-
-
-def _gather_dot(indices: Tensor, dense: Tensor, weight: Tensor) -> Tensor:
-    """`[B, K]` with entry (b, j) = dense[b] . weight[indices[b, j]] (sampled dense-dense mm)."""
-    B, K = indices.shape
-    try:
-        crow = torch.arange(0, B * K + 1, K, device=indices.device, dtype=torch.int64)
-        pattern = _csr(crow, indices.reshape(-1), dense.new_zeros(B * K), (B, weight.shape[0]))
-        return torch.sparse.sampled_addmm(pattern, dense, weight.T, beta=0.0).values().view(B, K)
-    except (RuntimeError, NotImplementedError):  # pragma: no cover - backend without sampled_addmm
-        pass
-    out = dense.new_empty(B, K)
-    step = 256
-    for s in range(0, B, step):
-        out[s:s + step] = torch.linalg.vecdot(F.embedding(indices[s:s + step], weight), dense[s:s + step, None, :])
-    return out
-
-
-def _topk_select(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-k of ReLU(pre) per row, indices sorted ascending within each row (valid CSR rows)."""
-    values, indices = pre.topk(k, dim=1, sorted=False)
-    indices, perm = indices.sort(dim=1)
-    values = values.gather(1, perm).relu_()
-    return values, indices
-
-
-def _sparse_term_backward(
-    xc: Tensor, W_enc: Tensor, W_dec: Tensor, indices: Tensor, values: Tensor, g_out: Tensor,
-    g_values_extra: Tensor | None, grads: dict[str, Tensor], accumulate: bool,
-) -> None:
-    """Gradients of one sparse decode `out = sum_j values[:, j] W_dec[indices[:, j]]` (+ b_dec).
-
-    `g_out [B, d]` is dL/d(out). Writes (or adds, when `accumulate`) into `grads` entries
-    `W_dec`, `W_enc`, `b_enc`, `b_dec`, `x` (the last is dL/dx through `xc = x - b_dec`).
-    Only the selected latents of each token get encoder gradient (TopK's derivative).
-    """
-    n = W_dec.shape[0]
-    pattern = _latent_major_pattern(indices, n)
-    _latent_by_token_mm(pattern, values, g_out, n, grads["W_dec"], accumulate)
-    g_values = _gather_dot(indices, g_out, W_dec)
-    if g_values_extra is not None:
-        g_values = g_values + g_values_extra
-    g_pre = g_values * (values > 0)          # ReLU derivative; zero-valued picks carry none
-    _latent_by_token_mm(pattern, g_pre, xc, n, grads["W_enc"], accumulate)
-    if not accumulate:
-        grads["b_enc"].zero_()
-    grads["b_enc"].index_add_(0, indices.reshape(-1), g_pre.reshape(-1))
-    g_xc = F.embedding_bag(indices, W_enc, per_sample_weights=g_pre, mode="sum")
-    g_bdec = g_out.sum(0) - g_xc.sum(0)
-    if accumulate:
-        grads["b_dec"].add_(g_bdec)
-        if grads.get("x") is not None:
-            grads["x"].add_(g_xc)
-    else:
-        grads["b_dec"].copy_(g_bdec)
-        if "x" in grads:
-            grads["x"] = g_xc
-
-
-class TopKAutoencode(torch.autograd.Function):
-    """(x, W_enc, b_enc, W_dec, b_dec, k) -> (x_hat, values, indices) with a sparse backward."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int):
-        xc = x - b_dec
-        pre = torch.addmm(b_enc, xc, W_enc.T)
-        values, indices = _topk_select(pre, k)
-        del pre
-        x_hat = F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum") + b_dec
-        ctx.save_for_backward(xc, W_enc, W_dec, values, indices)
-        ctx.mark_non_differentiable(indices)
-        return x_hat, values, indices
-
-    @staticmethod
-    def backward(ctx: Any, g_xhat: Tensor, g_values: Tensor | None, _g_idx: Any):
-        xc, W_enc, W_dec, values, indices = ctx.saved_tensors
-        if g_xhat is None:
-            g_xhat = xc.new_zeros(xc.shape)
-        grads = {
-            "W_dec": torch.empty_like(W_dec), "W_enc": torch.empty_like(W_enc),
-            "b_enc": W_enc.new_empty(W_enc.shape[0]), "b_dec": W_dec.new_empty(W_dec.shape[1]), "x": None,
-        }
-        _sparse_term_backward(xc, W_enc, W_dec, indices, values, g_xhat.contiguous(), g_values,
-                              grads, accumulate=False)
-        return grads["x"], grads["W_enc"], grads["b_enc"], grads["W_dec"], grads["b_dec"], None
 
 
 class TopKSAE(SAEBase):
@@ -334,12 +300,13 @@ class TopKSAE(SAEBase):
     def pre_activations(self, x: Tensor) -> Tensor:
         return F.linear(x - self.b_dec, self.encoder.weight, self.encoder.bias)
 
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(values [B, k], indices [B, k]); values are ReLU'd, indices sorted within a row."""
-        return _topk_select(self.pre_activations(x), self.k)
+    def encode(self, x: Tensor) -> Code:
+        """Code(values [B, k], indices [B, k]); values are ReLU'd, indices sorted within a row."""
+        return Code(*topk_select(self.pre_activations(x), self.k))
 
-    def decode(self, values: Tensor, indices: Tensor) -> Tensor:
-        return F.embedding_bag(indices, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype), mode="sum") + self.b_dec
+    def decode(self, code: Code, bias: bool = True) -> Tensor:
+        out = F.embedding_bag(code.indices, self.W_dec, per_sample_weights=code.values.to(self.W_dec.dtype), mode="sum")
+        return out + self.b_dec if bias else out
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """x_hat, values, indices (differentiable through the sparse backward)."""
@@ -348,114 +315,26 @@ class TopKSAE(SAEBase):
 
     def training_loss(self, x: Tensor, total_variance: Tensor | None = None, **_: Any) -> tuple[Tensor, dict[str, Any]]:
         """Autograd version of the training loss (FVU); the trainer uses `topk_loss_and_grads`."""
-        if total_variance is None:
-            total_variance = (x - x.mean(0)).pow(2).sum()
+        total_variance = _total_variance(x, total_variance)
         out = self(x)
         fvu = (out["x_hat"] - x).pow(2).sum() / total_variance
         return fvu, {"fvu": fvu.detach(), "l0": (out["values"] > 0).sum(1).float().mean(),
-                     "fired": _fired_from_topk(out["values"], out["indices"], self.n_latents)}
+                     "fired": fired_from_topk(out["values"], out["indices"], self.n_latents)}
 
-    def firing_mask(self, x: Tensor) -> Tensor:
-        values, indices = self.encode(x)
-        mask = torch.zeros(x.shape[0], self.n_latents, dtype=torch.bool, device=x.device)
-        return mask.scatter_(1, indices, values > 0)
+    def loss_and_grads(self, x: Tensor, total_variance: Tensor, *, dead_mask: Tensor | None = None,
+                       auxk_alpha: float = 0.0, workspace: dict[str, Tensor] | None = None,
+                       select_dtype: torch.dtype | None = None, **_: Any) -> dict[str, Any]:
+        """The sparse manual backward (`topk_kernels.topk_loss_and_grads`): same loss and gradients as
+        autograd through `training_loss`, with buffers reused across steps and optional AuxK."""
+        return topk_loss_and_grads(self, x, total_variance=total_variance, dead_mask=dead_mask, auxk_alpha=auxk_alpha,
+                                   workspace=workspace, select_dtype=select_dtype)
 
     def count_firing(self, x: Tensor) -> Tensor:
         values, indices = self.encode(x)
         return torch.bincount(indices[values > 0], minlength=self.n_latents).to(torch.int64)
 
 
-def _fired_from_topk(values: Tensor, indices: Tensor, n_latents: int) -> Tensor:
-    """Bool [n]: latent selected with a positive value on some token (scatter, no nonzero())."""
-    hits = torch.zeros(n_latents, dtype=torch.int32, device=values.device)
-    hits.index_add_(0, indices.reshape(-1), (values > 0).reshape(-1).to(torch.int32))
-    return hits > 0
-
-
-def _buffer(workspace: dict[str, Tensor], name: str, shape: tuple[int, ...], dtype: torch.dtype,
-            device: torch.device) -> Tensor:
-    """A reusable scratch tensor from `workspace` (re-allocated only when shape/dtype/device change)."""
-    buf = workspace.get(name)
-    if buf is None or tuple(buf.shape) != tuple(shape) or buf.dtype != dtype or buf.device != device:
-        buf = torch.empty(shape, dtype=dtype, device=device)
-        workspace[name] = buf
-    return buf
-
-
-def _select_then_recompute(pre_low: Tensor, k: int, xc: Tensor, W_enc: Tensor, b_enc: Tensor) -> tuple[Tensor, Tensor]:
-    """Top-k indices from low-precision pre-activations; their values recomputed exactly in xc's dtype."""
-    _, indices = pre_low.topk(k, dim=1, sorted=False)
-    indices = indices.sort(dim=1).values
-    values = (_gather_dot(indices, xc, W_enc) + b_enc[indices]).relu_()
-    return values, indices
-
-
 @torch.no_grad()
-def topk_loss_and_grads(
-    sae: TopKSAE, x: Tensor, *, total_variance: Tensor | None = None, dead_mask: Tensor | None = None,
-    auxk_alpha: float = 0.0, workspace: dict[str, Tensor] | None = None, select_dtype: torch.dtype | None = None,
-) -> dict[str, Any]:
-    """One TopK training forward + sparse backward, gradients written into the params' `.grad`.
-
-    Same loss and gradients as `TopKSAE.training_loss(x).backward()` (plus sparsify's AuxK term
-    when `auxk_alpha > 0` and `dead_mask` marks dead latents), but without autograd: the
-    `[B, n]` pre-activation buffer (kept in `workspace`) and the gradient tensors are reused
-    across steps, which matters on CPU where a fresh 100+ MB allocation costs page faults.
-
-    `select_dtype` (e.g. torch.bfloat16) computes the encoder matmul in that dtype **only to
-    choose** the top-k latents (sparsify trains under bf16 autocast on GPU); the chosen values,
-    the loss and all gradients are then recomputed exactly in x's dtype. On CPUs with bf16
-    instructions this is several times faster for large n_latents.
-    Returns fvu, auxk (0-d tensors), l0, fired (bool [n]).
-    """
-    W_enc, b_enc, W_dec, b_dec = sae.encoder.weight, sae.encoder.bias, sae.W_dec, sae.b_dec
-    B, n = x.shape[0], sae.n_latents
-    ws = workspace if workspace is not None else {}
-    if total_variance is None:
-        total_variance = x.var(dim=0, correction=0).sum() * B
-    xc = x - b_dec
-    low = select_dtype is not None and select_dtype != x.dtype
-    if low:
-        w_low = _buffer(ws, "W_enc_low", tuple(W_enc.shape), select_dtype, x.device)
-        w_low.copy_(W_enc)
-        pre = _buffer(ws, "pre_low", (B, n), select_dtype, x.device)
-        torch.addmm(b_enc.to(select_dtype), xc.to(select_dtype), w_low.T, out=pre)
-        values, indices = _select_then_recompute(pre, sae.k, xc, W_enc, b_enc)
-    else:
-        pre = _buffer(ws, "pre", (B, n), x.dtype, x.device)
-        torch.addmm(b_enc, xc, W_enc.T, out=pre)
-        values, indices = _topk_select(pre, sae.k)
-    # x_hat - x = (sum_j v_j W_dec[i_j] + b_dec) - x = decoded - xc
-    err = F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum").sub_(xc)
-    flat_err = err.view(-1)
-    fvu = torch.dot(flat_err, flat_err) / total_variance
-    terms = [(indices, values, err)]
-
-    auxk = x.new_zeros(())
-    if auxk_alpha > 0 and dead_mask is not None and (num_dead := int(dead_mask.sum())) > 0:
-        k_aux = min(sae.d_in // 2, num_dead)        # sparsify: heuristic from the OpenAI paper
-        scale = min(num_dead / (sae.d_in // 2), 1.0)
-        pre.masked_fill_(~dead_mask[None], -torch.inf)
-        if low:
-            aux_values, aux_indices = _select_then_recompute(pre, k_aux, xc, W_enc, b_enc)
-        else:
-            aux_values, aux_indices = _topk_select(pre, k_aux)
-        # sparsify: e_hat - e.detach() with e_hat = decode(aux) (incl. b_dec), e = x - x_hat
-        diff = F.embedding_bag(aux_indices, W_dec, per_sample_weights=aux_values, mode="sum").add_(b_dec).add_(err)
-        flat = diff.view(-1)
-        auxk = scale * torch.dot(flat, flat) / total_variance
-        diff.mul_(2.0 * scale * auxk_alpha / total_variance)
-        terms.append((aux_indices, aux_values, diff))
-    err.mul_(2.0 / total_variance)                  # now dL/dx_hat
-
-    for param in (W_enc, b_enc, W_dec, b_dec):
-        if param.grad is None or param.grad.shape != param.shape:
-            param.grad = torch.empty_like(param)
-    grads = {"W_dec": W_dec.grad, "W_enc": W_enc.grad, "b_enc": b_enc.grad, "b_dec": b_dec.grad}
-    for i, (idx, vals, g_out) in enumerate(terms):
-        _sparse_term_backward(xc, W_enc, W_dec, idx, vals, g_out, None, grads, accumulate=i > 0)
-    return {"fvu": fvu, "auxk": auxk, "l0": (values > 0).sum(1, dtype=torch.float32).mean(),
-            "fired": _fired_from_topk(values, indices, n)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -489,21 +368,13 @@ class ReLUSAE(SAEBase):
         with torch.no_grad():
             self.encoder.bias.zero_()
 
-    def encode(self, x: Tensor) -> Tensor:
+    def activations(self, x: Tensor) -> Tensor:
         return F.relu(F.linear(x - self.b_dec, self.encoder.weight, self.encoder.bias))
-
-    def decode(self, acts: Tensor) -> Tensor:
-        return acts @ self.W_dec + self.b_dec
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        acts = self.encode(x)
-        return {"x_hat": self.decode(acts), "latents": acts}
 
     def training_loss(self, x: Tensor, total_variance: Tensor | None = None, l1_coefficient: float = 0.0,
                       **_: Any) -> tuple[Tensor, dict[str, Any]]:
         """FVU + l1_coefficient * norm-weighted L1 (see `_l1_weighted`)."""
-        if total_variance is None:
-            total_variance = (x - x.mean(0)).pow(2).sum()
+        total_variance = _total_variance(x, total_variance)
         out = self(x)
         fvu = (out["x_hat"] - x).pow(2).sum() / total_variance
         l1 = _l1_weighted(out["latents"], self.W_dec, total_variance, x.shape[0])
@@ -550,7 +421,7 @@ class BatchTopKSAE(ReLUSAE):
         mask[flat.topk(keep, sorted=False).indices] = True
         return mask.view_as(acts) & (acts > 0)
 
-    def encode(self, x: Tensor) -> Tensor:
+    def activations(self, x: Tensor) -> Tensor:
         """Inference code: ReLU'd pre-activations above `threshold` (batch top-k before one exists)."""
         acts = F.relu(F.linear(x - self.b_dec, self.encoder.weight, self.encoder.bias))
         if float(self.threshold) < 0:
@@ -570,12 +441,11 @@ class BatchTopKSAE(ReLUSAE):
     def training_loss(self, x: Tensor, total_variance: Tensor | None = None, step: int | None = None,
                       total_steps: int | None = None, **_: Any) -> tuple[Tensor, dict[str, Any]]:
         """FVU of the batch-level top-k code; updates `threshold` once past its start step."""
-        if total_variance is None:
-            total_variance = (x - x.mean(0)).pow(2).sum()
+        total_variance = _total_variance(x, total_variance)
         acts = F.relu(F.linear(x - self.b_dec, self.encoder.weight, self.encoder.bias))
         mask = self.batch_topk_mask(acts.detach())
         code = acts * mask
-        fvu = (self.decode(code) - x).pow(2).sum() / total_variance
+        fvu = (self.decode(Code(code, None)) - x).pow(2).sum() / total_variance
         start = round(self.threshold_start_fraction * total_steps) if total_steps else 0
         if step is None or step >= start:
             self.update_threshold(code.detach())
@@ -615,24 +485,16 @@ class GatedSAE(SAEBase):
         proj = F.linear(x - self.b_dec, self.encoder.weight)
         return proj + self.b_gate, F.relu(proj * torch.exp(self.r_mag) + self.b_mag)
 
-    def encode(self, x: Tensor) -> Tensor:
+    def activations(self, x: Tensor) -> Tensor:
         pi_gate, f_mag = self._gate_and_mag(x)
         return (pi_gate > 0).to(f_mag.dtype) * f_mag
 
-    def decode(self, acts: Tensor) -> Tensor:
-        return acts @ self.W_dec + self.b_dec
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        acts = self.encode(x)
-        return {"x_hat": self.decode(acts), "latents": acts}
-
     def training_loss(self, x: Tensor, total_variance: Tensor | None = None, l1_coefficient: float = 0.0,
                       **_: Any) -> tuple[Tensor, dict[str, Any]]:
-        if total_variance is None:
-            total_variance = (x - x.mean(0)).pow(2).sum()
+        total_variance = _total_variance(x, total_variance)
         pi_gate, f_mag = self._gate_and_mag(x)
         acts = (pi_gate > 0).to(f_mag.dtype) * f_mag
-        x_hat = self.decode(acts)
+        x_hat = self.decode(Code(acts, None))
         fvu = (x_hat - x).pow(2).sum() / total_variance
         gate_relu = F.relu(pi_gate)
         l1 = _l1_weighted(gate_relu, self.W_dec, total_variance, x.shape[0])
@@ -709,25 +571,17 @@ class JumpReLUSAE(SAEBase):
     def cfg_dict(self) -> dict[str, Any]:
         return {**super().cfg_dict(), "bandwidth": self.bandwidth, "init_threshold": self.init_threshold}
 
-    def encode(self, x: Tensor) -> Tensor:
+    def activations(self, x: Tensor) -> Tensor:
         pre = F.relu(F.linear(x - self.b_dec, self.encoder.weight, self.encoder.bias))
         return pre * (pre > torch.exp(self.log_threshold))
 
-    def decode(self, acts: Tensor) -> Tensor:
-        return acts @ self.W_dec + self.b_dec
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        acts = self.encode(x)
-        return {"x_hat": self.decode(acts), "latents": acts}
-
     def training_loss(self, x: Tensor, total_variance: Tensor | None = None, l1_coefficient: float = 0.0,
                       **_: Any) -> tuple[Tensor, dict[str, Any]]:
-        if total_variance is None:
-            total_variance = (x - x.mean(0)).pow(2).sum()
+        total_variance = _total_variance(x, total_variance)
         pre = F.relu(F.linear(x - self.b_dec, self.encoder.weight, self.encoder.bias))
         theta = torch.exp(self.log_threshold)
         acts = _JumpReLU.apply(pre, theta, self.bandwidth)
-        fvu = (self.decode(acts) - x).pow(2).sum() / total_variance
+        fvu = (self.decode(Code(acts, None)) - x).pow(2).sum() / total_variance
         l0 = _Step.apply(pre, theta, self.bandwidth).sum(1).mean()
         active = acts > 0
         return fvu + l1_coefficient * l0, {"fvu": fvu.detach(), "l0": l0.detach().float(), "fired": active.any(0)}
@@ -762,6 +616,44 @@ def build_sae(architecture: str, d_in: int, n_latents: int, *, k: int | None = N
 # firing counts
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
+def on_device(sae: SAEBase, device: str | torch.device | None) -> SAEBase:
+    """`sae` itself, or a copy on `device` (the caller's module stays where it is)."""
+    if device is None or torch.device(device) == sae.device:
+        return sae
+    return copy.deepcopy(sae).to(device)
+
+
+def iter_batches(sae: SAEBase, activations: np.ndarray | Tensor, batch_size: int = 4096,
+                 device: str | torch.device | None = None, *, input_scale: float | None = None, progress: bool = False,
+                 desc: str = "encoding") -> Iterator[tuple[int, Tensor]]:
+    """`(start, x)` per batch of `activations [N, d_in]` (model units): `x` in SAE units (times `input_scale`,
+    default the SAE's own), in the SAE's dtype, on `device` or the SAE's. The SAE must already be there
+    (`on_device`)."""
+    if activations.ndim != 2 or activations.shape[1] != sae.d_in:
+        raise ValueError(f"activations must be [N, {sae.d_in}]; got shape {tuple(activations.shape)}")
+    target = torch.device(device) if device is not None else sae.device
+    scale = sae.input_scale if input_scale is None else float(input_scale)
+    n_rows = int(activations.shape[0])
+    for start in tqdm(range(0, n_rows, batch_size), desc=desc, disable=not progress, leave=False):
+        chunk = activations[start:start + batch_size]
+        x = torch.as_tensor(np.asarray(chunk)) if not isinstance(chunk, Tensor) else chunk
+        x = x.to(device=target, dtype=sae.dtype)
+        if scale != 1.0:
+            x = x * scale
+        yield start, x
+
+
+def iter_codes(sae: SAEBase, activations: np.ndarray | Tensor, batch_size: int = 4096, device: str | torch.device | None = None,
+               *, input_scale: float | None = None, progress: bool = False, desc: str = "encoding",
+               ) -> Iterator[tuple[int, Tensor, Code]]:
+    """The one batch loop over activation rows: yields `(start, x, code)` per batch (see `iter_batches`),
+    `code` the batch's latent code. Firing counts, contexts, subspaces and splicing read activations
+    through it; `training.evaluate_sae` through `iter_batches` (it needs the SAE's fused forward)."""
+    sae = on_device(sae, device)
+    for start, x in iter_batches(sae, activations, batch_size, input_scale=input_scale, progress=progress, desc=desc):
+        yield start, x, sae.encode(x)
+
+
 def firing_counts(sae: SAEBase, activations: np.ndarray | Tensor, batch_size: int = 4096,
                   device: str | torch.device | None = None, *, input_scale: float | None = None,
                   progress: bool = True) -> np.ndarray:
@@ -770,23 +662,11 @@ def firing_counts(sae: SAEBase, activations: np.ndarray | Tensor, batch_size: in
     TopK: in the top-k and > 0; other architectures: activation > 0. Rows are multiplied by
     `input_scale` (default: the SAE's own, i.e. what it was trained on) before encoding.
     """
-    from tqdm.auto import tqdm
-
-    if activations.ndim != 2 or activations.shape[1] != sae.d_in:
-        raise ValueError(f"activations must be [N, {sae.d_in}]; got shape {tuple(activations.shape)}")
-    if device is not None and torch.device(device) != sae.device:
-        import copy
-
-        sae = copy.deepcopy(sae).to(device)   # leave the caller's module where it is
-    device = sae.device
-    scale = sae.input_scale if input_scale is None else float(input_scale)
-    counts = torch.zeros(sae.n_latents, dtype=torch.int64, device=device)
-    n_rows = int(activations.shape[0])
-    for start in tqdm(range(0, n_rows, batch_size), desc="firing counts", disable=not progress, leave=False):
-        chunk = activations[start:start + batch_size]
-        x = torch.as_tensor(np.asarray(chunk)) if not isinstance(chunk, Tensor) else chunk
-        x = x.to(device=device, dtype=sae.dtype)
-        if scale != 1.0:
-            x = x * scale
-        counts += sae.count_firing(x)
+    counts = torch.zeros(sae.n_latents, dtype=torch.int64, device=device or sae.device)
+    for _, _, code in iter_codes(sae, activations, batch_size, device, input_scale=input_scale, progress=progress,
+                                 desc="firing counts"):
+        if code.indices is None:
+            counts += (code.values > 0).sum(dim=0, dtype=torch.int64)
+        else:
+            counts += torch.bincount(code.indices[code.values > 0], minlength=sae.n_latents).to(torch.int64)
     return counts.cpu().numpy()

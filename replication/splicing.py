@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .sae import SAEBase, TopKSAE
+from .sae import SAEBase, iter_codes, on_device
 
 
 # --------------------------------------------------------------------------- codes and masks
@@ -33,22 +33,12 @@ def _check_mask(sae: SAEBase, ablate: np.ndarray | Tensor | None, device: torch.
     return m
 
 
-def _require_topk(sae: SAEBase) -> None:
-    if not isinstance(sae, TopKSAE):
-        raise TypeError(f"splicing ablations are implemented for TopK SAEs, got {type(sae).__name__}")
-
-
 @torch.no_grad()
 def ablated_reconstruction(sae: SAEBase, x: Tensor, ablate: np.ndarray | Tensor | None = None) -> Tensor:
     """Reconstruction of `x [B, d_in]` (model units) with the latents in `ablate` (bool [n_latents])
-    removed from the code after top-k selection. Returns float32 in the units of `x`."""
-    _require_topk(sae)
-    xs = x.to(sae.dtype) * sae.input_scale
-    values, indices = sae.encode(xs)
-    mask = _check_mask(sae, ablate, values.device)
-    if mask is not None:
-        values = values.masked_fill(mask[indices], 0.0)
-    return (sae.decode(values, indices) / sae.input_scale).float()
+    removed from the code after encoding (top-k selection for TopK). Returns float32 in the units of `x`."""
+    mask = _check_mask(sae, ablate, sae.device)
+    return sae.reconstruct(x, keep=None if mask is None else ~mask)
 
 
 @torch.no_grad()
@@ -56,16 +46,10 @@ def activation_mass(sae: SAEBase, activations: np.ndarray, batch_size: int = 409
                     device: str | torch.device | None = None) -> np.ndarray:
     """float64 [n_latents]: summed activation of each latent over the rows of `activations` (model
     units; decoder rows are unit norm, so this is the total norm it contributes)."""
-    _require_topk(sae)
-    if activations.ndim != 2 or activations.shape[1] != sae.d_in:
-        raise ValueError(f"activations must be [N, {sae.d_in}], got {tuple(activations.shape)}")
-    dev = torch.device(device) if device is not None else sae.device
-    sae = sae.to(dev)
-    mass = torch.zeros(sae.n_latents, dtype=torch.float64, device=dev)
-    for start in range(0, activations.shape[0], batch_size):
-        x = torch.as_tensor(np.asarray(activations[start:start + batch_size])).to(dev, sae.dtype) * sae.input_scale
-        values, indices = sae.encode(x)
-        mass.index_add_(0, indices.reshape(-1), values.reshape(-1).double())
+    sae = on_device(sae, device)
+    mass = torch.zeros(sae.n_latents, dtype=torch.float64, device=sae.device)
+    for _, _, code in iter_codes(sae, activations, batch_size):
+        mass += code.totals(sae.n_latents)
     return (mass / sae.input_scale).cpu().numpy()
 
 
@@ -144,7 +128,6 @@ def reconstruction_errors(sae: SAEBase, activations: np.ndarray, masks: Sequence
     Returns (err [n_masks, n_groups], var [n_groups]) with rows of `activations` grouped into
     consecutive blocks of `group_size` (the cache's sequences), so FVU_c = err[c].sum() / var.sum()
     and bootstraps can resample groups. Variance is about the mean over all rows (as in training)."""
-    _require_topk(sae)
     n = int(activations.shape[0]) // group_size * group_size
     if n == 0:
         raise ValueError(f"fewer held-out rows ({activations.shape[0]}) than one group of {group_size}")
@@ -161,10 +144,9 @@ def reconstruction_errors(sae: SAEBase, activations: np.ndarray, masks: Sequence
         stop = min(start + batch_size, n)
         x = torch.as_tensor(np.asarray(activations[start:stop])).to(dev).float()
         var[start:stop] = (x.double() - mean).pow(2).sum(1)
-        values, indices = sae.encode(x.to(sae.dtype) * sae.input_scale)
+        code = sae.encode_activations(x)
         for c, m in enumerate(tm):
-            v = values if m is None else values.masked_fill(m[indices], 0.0)
-            x_hat = sae.decode(v, indices).float() / sae.input_scale
+            x_hat = sae.decode(code if m is None else code.masked(~m)).float() / sae.input_scale
             err[c, start:stop] = (x_hat - x).double().pow(2).sum(1)
     return (err.reshape(len(masks), -1, group_size).sum(-1).cpu().numpy(),
             var.reshape(-1, group_size).sum(-1).cpu().numpy())
@@ -191,7 +173,6 @@ def spliced_losses(model: Any, sae: SAEBase, hook: str, windows: np.ndarray, mas
     only the blocks from there on (`start_at_layer`)."""
     from tqdm.auto import tqdm
 
-    _require_topk(sae)
     windows = np.asarray(windows, np.int64)
     if windows.ndim != 2 or windows.shape[1] < 2:
         raise ValueError(f"windows must be [n_seqs, seq_len >= 2] token ids, got {windows.shape}")

@@ -3,9 +3,9 @@
 - `FamilyMatching`: all N(N-1)/2 pairs of N seeds matched once; b -> a is the inverse.
 - `shared_counts` / `kseed_only_in_base`: how many latents exist in the base SAE only
   when k seeds are compared, averaged **exactly** over every base and every (k-1)-subset.
-- `fit_power_law`: ``a k^b + c`` vs ``a k^b``, with uncertainties and an F-test.
-- firing-frequency helpers for Figure 3, bootstrap CIs, a random-direction chance baseline,
-  a permutation test and the threshold sweep of Figure A1.
+- `offset_evidence`: is there a persistent-orphan offset? (bootstrap over base latents; the fits live in `stats`).
+- firing-frequency helpers for Figure 3, a random-direction chance baseline and the threshold
+  sweep of Figure A1. Generic statistics (bootstraps, tests, bimodality, power-law fits) are in `stats`.
 
 Pure numpy / scipy / pandas.
 """
@@ -15,15 +15,14 @@ import itertools
 import math
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 from .directions import LatentDirections
 from .matching import DEFAULT_THRESHOLD, DEFINITIONS, MatchResult, match, shared_masks
-
-POWER_LAW_P0 = (0.72, -0.35, 0.0)  # the authors' initial guess
+from .stats import finite_or_none, fit_power_law
 
 
 # --------------------------------------------------------------------------- families
@@ -166,69 +165,6 @@ def kseed_only_in_base_bruteforce(shared: np.ndarray, ks: Sequence[int] | None =
     return out
 
 
-def _json_float(x: float) -> float | None:
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
-def fit_power_law(k: Sequence[float], y: Sequence[float], p0: Sequence[float] = POWER_LAW_P0) -> dict[str, Any]:
-    """Fit ``a * k**b + c`` and ``a * k**b`` by least squares (scipy curve_fit, the authors'
-    initial guess), and compare them: residual sum of squares, AIC, BIC (Gaussian errors)
-    and the nested-model F-test (H0: c = 0). Returns plain JSON-serialisable data."""
-    from scipy import stats
-    from scipy.optimize import curve_fit
-
-    k = np.asarray(k, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    if k.shape != y.shape or k.ndim != 1:
-        raise ValueError("k and y must be 1-D arrays of the same length")
-    n = len(k)
-    if n < 4:
-        raise ValueError(f"need at least 4 points to compare a 3- and a 2-parameter model, got {n}")
-
-    def with_offset(x: np.ndarray, a: float, b: float, c: float) -> np.ndarray:
-        return a * np.power(x, b) + c
-
-    def without_offset(x: np.ndarray, a: float, b: float) -> np.ndarray:
-        return a * np.power(x, b)
-
-    def fit(f: Callable[..., np.ndarray], guess: Sequence[float], names: Sequence[str]) -> dict[str, Any]:
-        try:
-            popt, pcov = curve_fit(f, k, y, p0=list(guess), maxfev=20000)
-        except (RuntimeError, ValueError) as err:  # no convergence: say so instead of failing the figure
-            return {"ok": False, "error": str(err), "params": None, "stderr": None, "rss": None,
-                    "n_params": len(names), "aic": None, "bic": None}
-        resid = y - f(k, *popt)
-        rss = float(np.sum(resid ** 2))
-        p = len(popt)
-        err = np.sqrt(np.diag(pcov)) if np.all(np.isfinite(pcov)) else np.full(p, np.nan)
-        # Gaussian log-likelihood with the MLE variance; guard rss == 0 (perfect fit)
-        ll_term = n * math.log(max(rss, 1e-300) / n)
-        return {"ok": True, "params": {nm: float(v) for nm, v in zip(names, popt)},
-                "stderr": {nm: _json_float(e) for nm, e in zip(names, err)},
-                "rss": rss, "n_params": p, "aic": ll_term + 2 * p, "bic": ll_term + p * math.log(n)}
-
-    full = fit(with_offset, p0, ("a", "b", "c"))
-    reduced = fit(without_offset, p0[:2], ("a", "b"))
-    df1, df2 = 1, n - 3
-    rss1, rss0 = full["rss"], reduced["rss"]
-    if not (full["ok"] and reduced["ok"]):
-        return {"with_offset": full, "without_offset": reduced,
-                "f_test": {"F": None, "df1": df1, "df2": df2, "p_value": None},
-                "delta_aic": None, "delta_bic": None, "n_points": n, "p0": [float(v) for v in p0]}
-    if df2 <= 0:
-        F, pval = float("nan"), float("nan")
-    elif rss1 <= 0:
-        F, pval = (float("inf"), 0.0) if rss0 > 0 else (float("nan"), float("nan"))
-    else:
-        F = max((rss0 - rss1) / df1, 0.0) / (rss1 / df2)
-        pval = float(stats.f.sf(F, df1, df2))
-    return {"with_offset": full, "without_offset": reduced,
-            "f_test": {"F": _json_float(F), "df1": df1, "df2": df2, "p_value": _json_float(pval)},
-            "delta_aic": full["aic"] - reduced["aic"], "delta_bic": full["bic"] - reduced["bic"],
-            "n_points": n, "p0": [float(v) for v in p0]}
-
-
 def _curve_from_hist(hist: np.ndarray, n_seeds: int, ks: Sequence[int]) -> np.ndarray:
     """`kseed_only_in_base` from a histogram of shared-with counts (float64; for resampling)."""
     s = np.arange(n_seeds)
@@ -275,7 +211,7 @@ def offset_evidence(counts: np.ndarray, n_seeds: int, n_boot: int = 1000, seed: 
     e_ci = [float(np.nanpercentile(boot[:, 1], lo)), float(np.nanpercentile(boot[:, 1], hi))]
     p_hat = float((hist * np.arange(n_seeds)).sum() / (total * (n_seeds - 1)))
     return {
-        "offset": _json_float(c_hat), "offset_ci95": c_ci,
+        "offset": finite_or_none(c_hat), "offset_ci95": c_ci,
         "orphans_none_shared": float(hist[0] / total),
         "orphans_expected_if_independent": float((1 - p_hat) ** (n_seeds - 1)),
         "pairwise_shared_rate": p_hat,
@@ -283,11 +219,6 @@ def offset_evidence(counts: np.ndarray, n_seeds: int, n_boot: int = 1000, seed: 
         "n_boot": n_boot, "resampled": "base latents (pooled over bases)",
         "verdict_offset": bool(c_ci[0] > 0 and e_ci[0] > 0),
     }
-
-
-def power_law(k: np.ndarray, a: float, b: float, c: float = 0.0) -> np.ndarray:
-    """``a * k**b + c`` (for drawing fitted curves)."""
-    return a * np.power(np.asarray(k, dtype=np.float64), b) + c
 
 
 # --------------------------------------------------------------------------- firing frequency (Fig 3)
@@ -360,31 +291,6 @@ def stacked_histogram(values: np.ndarray, groups: np.ndarray, bins: int | np.nda
 
 
 # --------------------------------------------------------------------------- uncertainty
-def statistic(stat: str):
-    """The numpy reduction a bootstrap summarises: "mean" (a fraction, for booleans) or "median"."""
-    if stat not in ("mean", "median"):
-        raise ValueError(f"stat must be 'mean' or 'median', got {stat!r}")
-    return np.mean if stat == "mean" else np.median
-
-
-def bootstrap_ci(x: np.ndarray, n_boot: int = 1000, ci: float = 0.95, seed: int = 0,
-                 stat: str = "mean", chunk: int = 64) -> dict[str, Any]:
-    """Percentile bootstrap over latents for the mean (a fraction, for booleans) or the
-    median of `x`. Returns estimate, low, high and the settings."""
-    x = np.asarray(x, dtype=np.float64).ravel()
-    if x.size == 0:
-        raise ValueError("bootstrap_ci needs a non-empty array")
-    f = statistic(stat)
-    rng = np.random.default_rng(seed)
-    boots = np.empty(n_boot)
-    for s in range(0, n_boot, chunk):
-        b = min(chunk, n_boot - s)
-        idx = rng.integers(0, x.size, size=(b, x.size))
-        boots[s:s + b] = f(x[idx], axis=1)
-    alpha = (1.0 - ci) / 2.0
-    low, high = np.quantile(boots, [alpha, 1.0 - alpha])
-    return {"estimate": float(f(x)), "low": float(low), "high": float(high), "stat": stat,
-            "ci": ci, "n_boot": n_boot, "seed": seed, "n": int(x.size)}
 
 
 def random_directions_like(dirs: LatentDirections, seed: int = 0) -> LatentDirections:
@@ -407,27 +313,6 @@ def chance_shared_fractions(dirs: LatentDirections, threshold: float = DEFAULT_T
     b = random_directions_like(dirs, seed=2 * seed + 1)
     res = match(a, b, cache=False, method=method)
     return {k: float(v.mean()) for k, v in shared_masks(res, threshold).items()}
-
-
-def permutation_test(x: np.ndarray, y: np.ndarray, n_perm: int = 1000, seed: int = 0,
-                     stat: str = "mean") -> dict[str, Any]:
-    """Two-sided permutation test of a difference in mean (or median) between samples x
-    and y (e.g. firing frequency of shared vs orphan latents). p = (1 + #extreme) / (1 + n_perm)."""
-    x = np.asarray(x, dtype=np.float64).ravel()
-    y = np.asarray(y, dtype=np.float64).ravel()
-    if x.size == 0 or y.size == 0:
-        raise ValueError("both samples must be non-empty")
-    f = {"mean": np.mean, "median": np.median}[stat]
-    observed = float(f(x) - f(y))
-    pooled = np.concatenate([x, y])
-    rng = np.random.default_rng(seed)
-    extreme = 0
-    for _ in range(n_perm):
-        p = rng.permutation(pooled)
-        if abs(f(p[:x.size]) - f(p[x.size:])) >= abs(observed) - 1e-12:
-            extreme += 1
-    return {"observed": observed, "p_value": (1 + extreme) / (1 + n_perm), "n_perm": n_perm,
-            "stat": stat, "seed": seed, "n_x": int(x.size), "n_y": int(y.size)}
 
 
 # --------------------------------------------------------------------------- threshold sweep (Fig A1)
@@ -455,112 +340,5 @@ def threshold_sweep(results: "MatchResult | Sequence[MatchResult]",
     return pd.concat(frames, ignore_index=True)
 
 
-# --------------------------------------------------------------------------- bimodality (Figure 1)
-def _gmm_1d(x: np.ndarray, n_components: int, n_iter: int = 500, seed: int = 0) -> dict[str, Any]:
-    """Maximum-likelihood 1-D Gaussian mixture by EM (quantile initialisation, deterministic)."""
-    x = np.asarray(x, np.float64)
-    n = len(x)
-    means = np.quantile(x, np.linspace(0.2, 0.8, n_components)) if n_components > 1 else np.array([x.mean()])
-    var = np.full(n_components, max(x.var(), 1e-6))
-    weights = np.full(n_components, 1.0 / n_components)
-    prev = -np.inf
-    for _ in range(n_iter):
-        log_p = -0.5 * ((x[:, None] - means) ** 2 / var + np.log(2 * np.pi * var)) + np.log(weights)
-        log_norm = np.logaddexp.reduce(log_p, axis=1)
-        resp = np.exp(log_p - log_norm[:, None])
-        nk = resp.sum(0) + 1e-12
-        weights = nk / n
-        means = (resp * x[:, None]).sum(0) / nk
-        var = np.maximum((resp * (x[:, None] - means) ** 2).sum(0) / nk, 1e-6)
-        ll = float(log_norm.sum())
-        if abs(ll - prev) < 1e-9 * max(1.0, abs(ll)):
-            break
-        prev = ll
-    n_params = 3 * n_components - 1
-    order = np.argsort(means)
-    return {"log_likelihood": ll, "bic": n_params * np.log(n) - 2 * ll, "means": means[order].tolist(),
-            "stds": np.sqrt(var[order]).tolist(), "weights": weights[order].tolist()}
 
 
-DIP_ALPHA = 0.05
-VALLEY_MAX_RATIO = 0.8
-"""A density valley counts when it is below this fraction of the lower of the two peaks beside it."""
-
-
-def kde_modes(x: np.ndarray, grid_size: int = 512) -> dict[str, Any]:
-    """Modes and the deepest valley of a Gaussian KDE (Silverman's bandwidth) on a grid over x's range.
-
-    Returns the mode locations (local maxima holding at least 5% of the top peak's height), and for
-    the two highest modes the valley between them: `valley_ratio` = min density between them / the
-    lower of the two peaks (1 when there is one mode).
-    """
-    from scipy.stats import gaussian_kde
-
-    x = np.asarray(x, np.float64)
-    kde = gaussian_kde(x, bw_method="silverman")
-    grid = np.linspace(x.min(), x.max(), grid_size)
-    dens = kde(grid)
-    inner = (dens[1:-1] > dens[:-2]) & (dens[1:-1] >= dens[2:])
-    peaks = np.nonzero(inner)[0] + 1
-    for end in (0, grid_size - 1):   # a boundary point can be a mode (mass piled at 0 or 1)
-        neighbour = 1 if end == 0 else grid_size - 2
-        if dens[end] > dens[neighbour]:
-            peaks = np.append(peaks, end)
-    peaks = np.sort(peaks[dens[peaks] >= 0.05 * dens.max()])
-    out: dict[str, Any] = {"bandwidth": float(kde.factor * x.std(ddof=1)), "modes": grid[peaks].tolist(),
-                           "n_modes": int(len(peaks)), "valley_ratio": 1.0, "valley_at": None}
-    if len(peaks) >= 2:
-        top = np.sort(peaks[np.argsort(dens[peaks])[-2:]])
-        between = slice(top[0], top[1] + 1)
-        v = top[0] + int(np.argmin(dens[between]))
-        out["valley_ratio"] = float(dens[v] / min(dens[top[0]], dens[top[1]]))
-        out["valley_at"] = float(grid[v])
-    return out
-
-
-def dip_test(x: np.ndarray) -> dict[str, float]:
-    """Hartigan's dip test of unimodality (the `diptest` package; p-value from its tabulated null)."""
-    import diptest
-
-    dip, p_value = diptest.diptest(np.asarray(x, np.float64))
-    return {"dip": float(dip), "p_value": float(p_value), "alpha": DIP_ALPHA}
-
-
-def bimodality(x: np.ndarray) -> dict[str, Any]:
-    """Evidence that a similarity distribution has two modes (shared vs orphan latents).
-
-    The verdict `bimodal` rests on two checks that say "no" on skewed unimodal samples of the same
-    size (beta, gamma, lognormal, uniform; see tests/test_stability.py's calibration): Hartigan's
-    dip test rejects unimodality (p < 0.05), and the KDE has a valley between its two highest
-    modes below 80% of the lower peak. The 1- vs 2-Gaussian ΔBIC and Sarle's coefficient are kept
-    as descriptions only: ΔBIC exceeds 10 for any skewed sample of ~1000 draws, and Sarle's
-    coefficient exceeds 5/9 for a uniform one (`bimodal_old_rule` records that old verdict).
-    """
-    from scipy import stats
-
-    x = np.asarray(x, np.float64)
-    x = x[np.isfinite(x)]
-    n = len(x)
-    if n < 4 or x.std() == 0:
-        return {"n": n, "bimodal": False, "reason": "too few or constant values"}
-    one, two = _gmm_1d(x, 1), _gmm_1d(x, 2)
-    skew = float(stats.skew(x, bias=False))
-    kurt = float(stats.kurtosis(x, bias=False))
-    coefficient = (skew**2 + 1) / (kurt + 3 * (n - 1) ** 2 / ((n - 2) * (n - 3)))
-    delta_bic = one["bic"] - two["bic"]
-    separated = abs(two["means"][1] - two["means"][0]) > 2 * max(two["stds"]) if len(two["means"]) == 2 else False
-    dip = dip_test(x)
-    modes = kde_modes(x)
-    return {
-        "n": n,
-        "gmm_1": one,
-        "gmm_2": two,
-        "delta_bic_1_minus_2": float(delta_bic),
-        "sarle_coefficient": float(coefficient),
-        "sarle_threshold": 5 / 9,
-        "modes_separated": bool(separated),
-        "dip_test": dip,
-        "kde": modes,
-        "bimodal_old_rule": bool(delta_bic > 10 and coefficient > 5 / 9),
-        "bimodal": bool(dip["p_value"] < DIP_ALPHA and modes["valley_ratio"] < VALLEY_MAX_RATIO),
-    }

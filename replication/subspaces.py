@@ -25,6 +25,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .sae import iter_codes, on_device
+
 
 # --------------------------------------------------------------------------- basic geometry
 def top_subspace(matrix: np.ndarray, rank: int, strict: bool = True) -> np.ndarray:
@@ -122,24 +124,11 @@ def latent_contributions(sae, activations: np.ndarray, mask: np.ndarray | None =
         raise ValueError(f"mask must be a bool vector of length n_latents = {n}; got shape {keep.shape}")
     if activations.ndim != 2 or activations.shape[1] != sae.d_in:
         raise ValueError(f"activations must be [N, {sae.d_in}]; got shape {tuple(activations.shape)}")
-    dev = torch.device(device) if device is not None else sae.device
-    if dev != sae.device:
-        import copy
-
-        sae = copy.deepcopy(sae).to(dev)
-    keep_t = torch.as_tensor(keep, device=dev)
-    W = sae.W_dec
+    sae = on_device(sae, device)
+    keep_t = torch.as_tensor(keep, device=sae.device)
     out = np.empty((activations.shape[0], sae.d_in), np.float32)
-    for start in range(0, activations.shape[0], batch_size):
-        x = torch.as_tensor(np.asarray(activations[start:start + batch_size])).to(dev, sae.dtype) * sae.input_scale
-        code = sae.encode(x)
-        if isinstance(code, tuple):                      # TopK: (values, indices)
-            values, indices = code
-            values = values * keep_t[indices]
-            y = torch.nn.functional.embedding_bag(indices, W, per_sample_weights=values.to(W.dtype), mode="sum")
-        else:
-            y = (code * keep_t) @ W
-        out[start:start + len(x)] = y.float().cpu().numpy()
+    for start, x, code in iter_codes(sae, activations, batch_size):
+        out[start:start + len(x)] = sae.decode(code.masked(keep_t), bias=False).float().cpu().numpy()
     return out
 
 

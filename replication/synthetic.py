@@ -218,14 +218,14 @@ def train_synthetic_family(spec: SyntheticSpec, train: SyntheticTraining, cache:
                            progress: bool = False) -> tuple[GroundTruth, list, np.ndarray]:
     """Sample the data, train every seed on it (cached under `data/synthetic/<key>/`), return
     (ground truth, `TrainResult`s, held-out sample)."""
-    from .training import DataConfig, TrainConfig, train_saes
+    from .training import DataConfig, TrainConfig, learning_rate, train_saes
 
     truth = make_ground_truth(spec)
     x = sample(truth, train.n_samples, seed=train.sample_seed)
     heldout = sample(truth, max(1000, train.n_samples // 10), seed=train.sample_seed + 10_000)
-    base_lr = TrainConfig(n_latents=train.n_latents).resolved_lr() if train.lr is None else float(train.lr)
+    lr = learning_rate(train.n_latents, train.lr_scale) if train.lr is None else float(train.lr) * train.lr_scale
     configs = [TrainConfig(architecture="topk", n_latents=train.n_latents, k=train.k, seed=s,
-                           lr=base_lr * train.lr_scale, device=train.device) for s in train.seeds]
+                           lr=lr, device=train.device) for s in train.seeds]
     data = DataConfig(batch_size=train.batch_size, n_tokens=train.n_tokens, data_seed=train.data_seed,
                       hookpoint="synthetic")
     out_dirs = None

@@ -38,10 +38,10 @@ import numpy as np
 import torch
 
 from .checkpoints import TRAINING_INFO, load_sae, save_sae
-from .devices import resolve_device, resolve_dtype
+from .devices import resolve_device, resolve_dtype, torch_dtype
 from .interrupts import DeferredInterrupts
 from .io import atomic_path, read_json, settings_key
-from .sae import ARCHITECTURES, UNIT_NORM_DECODER, SAEBase, TopKSAE, _to_dtype, build_sae, topk_loss_and_grads
+from .sae import ARCHITECTURES, UNIT_NORM_DECODER, SAEBase, build_sae, iter_batches
 
 PAPER_WARMUP_FRACTION = 1000 / 122_070
 """sparsify's 1000 warm-up steps over the paper's 8B tokens at 65,536 tokens per step (~122k steps)."""
@@ -53,6 +53,14 @@ RESUME_FILE = "resume_state.pt"
 # ----------------------------------------------------------------------------------------------
 # configuration
 # ----------------------------------------------------------------------------------------------
+def learning_rate(n_latents: int, lr_scale: float = 1.0, lr: float | None = None) -> float:
+    """The learning-rate rule, in one place: `lr` if given, else sparsify's `2e-4 / sqrt(n_latents / 2**14)`
+    times `lr_scale` (>1 compensates for runs far shorter than the paper's ~122k steps)."""
+    if lr is not None:
+        return float(lr)
+    return 2e-4 / math.sqrt(n_latents / 2**14) * float(lr_scale)
+
+
 @dataclass
 class TrainConfig:
     """One SAE of a family: architecture, size, seed and optimisation settings.
@@ -89,7 +97,7 @@ class TrainConfig:
     name: str = ""
 
     def resolved_lr(self) -> float:
-        return float(self.lr) if self.lr is not None else 2e-4 / math.sqrt(self.n_latents / 2**14)
+        return learning_rate(self.n_latents, 1.0, self.lr)
 
     def resolved_warmup(self, total_steps: int) -> int:
         if self.warmup_steps is not None:
@@ -244,18 +252,16 @@ def evaluate_sae(sae: SAEBase, activations: np.ndarray, batch_size: int = 4096,
     acts = _as_array(activations, "held-out activations")
     if acts.shape[1] != sae.d_in:
         raise ValueError(f"held-out activation width {acts.shape[1]} != d_in {sae.d_in}")
-    scale = sae.input_scale if input_scale is None else float(input_scale)
-    device, dtype = sae.device, sae.dtype
+    device = sae.device
     n = acts.shape[0]
     total = torch.zeros(sae.d_in, dtype=torch.float64, device=device)
     total_sq = torch.zeros((), dtype=torch.float64, device=device)
     sq_err = torch.zeros((), dtype=torch.float64, device=device)
     l0 = 0.0
     fired = torch.zeros(sae.n_latents, dtype=torch.bool, device=device)
-    for start in range(0, n, batch_size):
-        raw = np.array(acts[start:start + batch_size])   # a writable copy of the memmap rows
-        _check_finite(raw, f"at held-out rows {start}..{start + len(raw)}")
-        x = torch.from_numpy(raw).to(device=device, dtype=dtype) * scale
+    for start, x in iter_batches(sae, acts, batch_size, input_scale=input_scale):
+        if not torch.isfinite(x).all():
+            _check_finite(np.asarray(acts[start:start + batch_size]), f"at held-out rows {start}..{start + len(x)}")
         out = sae(x)
         sq_err += (out["x_hat"] - x).double().pow(2).sum()
         total += x.double().sum(0)
@@ -297,8 +303,8 @@ class _Member:
         self.total_steps = total_steps
         self.batch_size = data.batch_size
         self.device = torch.device(cfg.device)
-        self.dtype = _to_dtype(cfg.dtype)
-        self.select_dtype = _to_dtype(cfg.select_dtype) if cfg.select_dtype else None
+        self.dtype = torch_dtype(cfg.dtype)
+        self.select_dtype = torch_dtype(cfg.select_dtype) if cfg.select_dtype else None
         self.sae = build_sae(cfg.architecture, d_in, cfg.n_latents, k=cfg.k, seed=cfg.seed, device=self.device,
                              dtype=self.dtype, normalize_decoder=cfg.resolved_normalize_decoder(),
                              input_scale=data.input_scale)
@@ -364,17 +370,10 @@ class _Member:
         lr = self.base_lr * _lr_factor(self.step, self.warmup, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if isinstance(sae, TopKSAE):
-            dead = (self.tokens_since_fired > self.dead_window) if cfg.auxk_alpha > 0 else None
-            stats = topk_loss_and_grads(sae, x, total_variance=total_variance, dead_mask=dead,
-                                        auxk_alpha=cfg.auxk_alpha, workspace=workspace,
-                                        select_dtype=self.select_dtype)
-        else:
-            for p in self.params:
-                p.grad = None
-            loss, stats = sae.training_loss(x, total_variance=total_variance, l1_coefficient=cfg.l1_coefficient,
-                                            step=self.step, total_steps=self.total_steps)
-            loss.backward()
+        dead = (self.tokens_since_fired > self.dead_window) if cfg.auxk_alpha > 0 else None
+        stats = sae.loss_and_grads(x, total_variance, l1_coefficient=cfg.l1_coefficient, step=self.step,
+                                   total_steps=self.total_steps, dead_mask=dead, auxk_alpha=cfg.auxk_alpha,
+                                   workspace=workspace, select_dtype=self.select_dtype)
         fvu = float(stats["fvu"])
         if not math.isfinite(fvu):
             raise FloatingPointError(f"training diverged: FVU is {fvu} at step {self.step} for config #{self.index} "

@@ -54,10 +54,10 @@ def test_threshold_is_an_ema_of_the_smallest_kept_activation_and_drives_inferenc
     assert float(sae.threshold) == pytest.approx(0.999 * mins[0] + 0.001 * mins[1], rel=1e-5)
     x = torch.randn(50, 16)
     pre = _relu_pre(sae, x)
-    code = sae.encode(x).detach().double().numpy()
+    code = sae.encode(x).values.detach().double().numpy()
     np.testing.assert_allclose(code, pre * (pre > float(sae.threshold)), rtol=1e-5, atol=1e-6)
     # inference does not depend on the batch: one token alone gets the same code
-    np.testing.assert_allclose(sae.encode(x[:1]).detach().numpy(), code[:1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(sae.encode(x[:1]).values.detach().numpy(), code[:1], rtol=1e-5, atol=1e-6)
 
 
 def test_batchtopk_trains_to_l0_near_k_and_round_trips_with_its_threshold(tmp_path) -> None:
@@ -75,7 +75,7 @@ def test_batchtopk_trains_to_l0_near_k_and_round_trips_with_its_threshold(tmp_pa
     back = load_sae(tmp_path / "seed0")
     assert isinstance(back, BatchTopKSAE) and float(back.threshold) == float(sae.threshold) and back.k == 4
     x = torch.from_numpy(acts[5000:5100])
-    torch.testing.assert_close(back.encode(x), sae.encode(x))
+    torch.testing.assert_close(back.encode(x).values, sae.encode(x).values)
     assert evaluate_sae(back, acts[5000:])["fvu"] == pytest.approx(res.metrics["fvu"], rel=1e-6)
     with pytest.raises(ValueError, match="batchtopk SAE needs k"):
         build_sae("batchtopk", 16, 64)
@@ -96,5 +96,5 @@ def test_dictionary_learning_batchtopk_reads_back_with_its_threshold() -> None:
     assert isinstance(sae, BatchTopKSAE) and sae.k == 5 and float(sae.threshold) == pytest.approx(0.8)
     x = torch.randn(30, d, generator=gen)
     post = torch.relu((x - state["b_dec"]) @ state["encoder.weight"].T + state["encoder.bias"])
-    torch.testing.assert_close(sae.encode(x), post * (post > 0.8))
-    torch.testing.assert_close(sae(x)["x_hat"], sae.encode(x) @ state["decoder.weight"].T + state["b_dec"])
+    torch.testing.assert_close(sae.encode(x).values, post * (post > 0.8))
+    torch.testing.assert_close(sae(x)["x_hat"], sae.encode(x).values @ state["decoder.weight"].T + state["b_dec"])

@@ -22,7 +22,8 @@ from replication.checkpoints import export_sae, fold_input_scale, load_direction
 from replication.compare import compare_saes, expand_inputs, untrained_pw_mcc
 from replication.matching import match, shared_masks
 from replication.sae import build_sae, firing_counts
-from replication.stability import bootstrap_ci, kseed_only_in_base
+from replication.stability import kseed_only_in_base
+from replication.stats import bootstrap_ci
 from replication.training import DataConfig, TrainConfig, evaluate_sae, train_saes
 
 D_IN, N_LAT, K = 64, 128, 4

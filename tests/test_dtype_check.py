@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from replication.dtype_check import _statistic, format_table, profile_params, seed_bootstrap
+from replication.dtype_check import _statistic, format_table, seed_bootstrap
 
 
 def _stats(rng: np.random.Generator, n: int = 6, shared: float = 0.3, spread: float = 0.03) -> dict[str, np.ndarray]:
@@ -46,11 +46,8 @@ def test_difference_interval_covers_zero_under_the_null_and_not_under_a_shift() 
     assert not out["differences"]["bfloat16 - float32"]["fvu"]["interval_contains_zero"]
 
 
-def test_table_and_profiles() -> None:
+def test_table() -> None:
     s = _stats(np.random.default_rng(3))
     report = {"comparison": seed_bootstrap({"float32": s, "bfloat16": s}, n_boot=50)}
     table = format_table(report)
     assert "shared_2seed" in table and "float32" in table and "bfloat16" in table
-    assert profile_params("smoke")["model_dtype"] == "auto"
-    with pytest.raises(ValueError, match="unknown profile 'huge'"):
-        profile_params("huge")

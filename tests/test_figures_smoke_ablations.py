@@ -49,7 +49,19 @@ def test_fig4_sweep_axes_as_declared():
         check_points(sweep["points"])
     for p, size in zip(sweeps["n_latents"]["points"], want["size_values"]):
         assert p["n_latents"] == size and p["n_seeds"] == len(want["sweep_seeds"])
-    assert {row["holds"] for row in n["comparison"]} <= {"yes", "opposite", "not resolved (interval includes 0)"}
+    # each trend's means and first-to-last difference come from the sweep's own points, and each verdict
+    # follows from its interval (holds = interval excludes 0 on the paper's side)
+    rows = {row["claim"]: row["holds"] for row in n["comparison"]}
+    for axis, claim, sign in (("n_latents", "more latents share less", -1), ("k", "larger k shares less", -1),
+                              ("tokens", "longer training shares more", +1)):
+        t = n["trends"][axis]["threshold"]
+        means = [pt["shared"]["threshold"]["mean"] for pt in sweeps[axis]["points"]]
+        assert t["means"] == pytest.approx(means) and t["values"] == sweeps[axis]["values"]
+        diff, (lo, hi) = t["first_to_last"]["difference"], t["first_to_last"]["ci95"]
+        assert diff == pytest.approx(means[-1] - means[0], abs=1e-12) and lo <= diff <= hi
+        resolved = lo > 0 or hi < 0
+        expected = ("yes" if np.sign(diff) == sign else "opposite") if resolved else "not resolved (interval includes 0)"
+        assert rows[claim] == expected, claim
 
 
 def test_fig5_axes_and_matched_sparsity():

@@ -18,7 +18,8 @@ import torch
 
 from replication import explainers as E
 from replication import interpretability as I
-from replication import paths
+from replication import paths, stats
+from replication.sae import SAEBase
 
 # --------------------------------------------------------------------------- synthetic world
 VOCAB = ["the", " cat", " dog", " sat", " on", " mat", ".", " a", " 42", "\n", " Paris", " ran"]
@@ -29,15 +30,12 @@ def decode(t: int) -> str:
     return VOCAB[t]
 
 
-class PlantedSAE(torch.nn.Module):
+class PlantedSAE(SAEBase):
     """A stand-in SAE: latent 0 fires on the token ' cat' (its activations carry the token id
     in dimension 0), latent 1 never fires, latent 2 fires on every token."""
 
-    n_latents = 3
-    input_scale = 1.0
-
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(4, 3, normalize_decoder=False)
         self.w = torch.nn.Parameter(torch.zeros(1))
 
     @property
@@ -48,7 +46,7 @@ class PlantedSAE(torch.nn.Module):
     def device(self) -> torch.device:
         return torch.device("cpu")
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def activations(self, x: torch.Tensor) -> torch.Tensor:
         is_cat = (x[:, 0].round() == CAT).float()
         return torch.stack([is_cat * (1 + x[:, 1]), torch.zeros_like(is_cat), torch.ones_like(is_cat)], 1)
 
@@ -113,17 +111,22 @@ def test_select_contexts_disjoint_and_ordered(world):
 
 
 # --------------------------------------------------------------------------- metrics
+def _auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    return stats.auc(scores[labels], scores[~labels])
+
+
 def test_balanced_accuracy_and_auroc():
+    """One AUC for the whole package (`stats.auc`): the scorer's AUROC is it, applied to scores split by label."""
     labels = np.array([1, 1, 1, 1, 0, 0], bool)
-    assert I.balanced_accuracy(labels, labels) == 1.0
-    assert I.balanced_accuracy(labels, ~labels) == 0.0
-    assert I.balanced_accuracy(labels, np.ones(6, bool)) == 0.5      # "always yes" is chance, whatever the balance
-    assert I.balanced_accuracy(labels, np.array([1, 1, 0, 0, 0, 1], bool)) == pytest.approx(0.5 * (0.5 + 0.5))
-    assert I.auroc(labels, np.array([4, 3, 2, 1, 0, -1.0])) == 1.0
-    assert I.auroc(labels, np.zeros(6)) == 0.5
-    assert I.auroc(labels, np.array([0, 0, 0, 0, 1, 1.0])) == 0.0
+    assert stats.balanced_accuracy(labels, labels) == 1.0
+    assert stats.balanced_accuracy(labels, ~labels) == 0.0
+    assert stats.balanced_accuracy(labels, np.ones(6, bool)) == 0.5      # "always yes" is chance, whatever the balance
+    assert stats.balanced_accuracy(labels, np.array([1, 1, 0, 0, 0, 1], bool)) == pytest.approx(0.5 * (0.5 + 0.5))
+    assert _auroc(labels, np.array([4, 3, 2, 1, 0, -1.0])) == 1.0
+    assert _auroc(labels, np.zeros(6)) == 0.5
+    assert _auroc(labels, np.array([0, 0, 0, 0, 1, 1.0])) == 0.0
     with pytest.raises(ValueError, match="both"):
-        I.balanced_accuracy(np.ones(3, bool), np.ones(3, bool))
+        stats.balanced_accuracy(np.ones(3, bool), np.ones(3, bool))
 
 
 # --------------------------------------------------------------------------- lexical pipeline
@@ -285,7 +288,7 @@ def test_stratified_sample_and_alignment():
     perm = rng.permutation(5)
     b = LatentDirections(a.encoder[perm], a.decoder[perm])
     assert np.allclose(I.pair_alignment(a, b, np.argsort(perm)), 1.0, atol=1e-6)
-    sp = I.spearman_with_permutation(np.arange(20), np.arange(20) ** 2, n_perm=200)
+    sp = stats.spearman_with_permutation(np.arange(20), np.arange(20) ** 2, n_perm=200)
     assert sp["rho"] == pytest.approx(1.0) and sp["p_value"] < 0.01
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from replication import live_only
+from replication import live_only, stats
 from replication.directions import LatentDirections
 from replication.stability import FamilyMatching
 
@@ -52,9 +52,9 @@ def test_family_and_random_baseline():
 def test_hierarchical_bootstrap_and_summary():
     rng = np.random.default_rng(0)
     groups = [rng.normal(0.5 + 0.01 * g, 0.1, 200) for g in range(6)]
-    b = live_only.hierarchical_bootstrap(groups, n_boot=300)
+    b = stats.hierarchical_bootstrap(groups, n_boot=300)
     assert b["low"] < b["estimate"] < b["high"] and b["high"] - b["low"] < 0.1
     s = live_only.summarise(groups, thresholds=(0.9, 0.7), n_boot=200)
     assert s["n_pairs"] == 6 and 0 <= s["stability_fraction"]["0.9"]["estimate"] <= s["stability_fraction"]["0.7"]["estimate"]
     with pytest.raises(ValueError):
-        live_only.hierarchical_bootstrap([np.array([])])
+        stats.hierarchical_bootstrap([np.array([])])

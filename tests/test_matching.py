@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from scipy.optimize import linear_sum_assignment
 
+from replication import assignment as A
 from replication import matching as M
 from replication.directions import LatentDirections
 
@@ -17,7 +18,7 @@ lapjv = pytest.importorskip("lapjv")
 
 def scipy_total(C: np.ndarray) -> tuple[float, np.ndarray]:
     _, col = linear_sum_assignment(C, maximize=True)
-    return M.assignment_total(C, col), col
+    return A.assignment_total(C, col), col
 
 
 def sae(n: int, d: int, seed: int, name: str = "") -> LatentDirections:
@@ -75,7 +76,7 @@ def test_fast_equals_scipy_random_unique(seed):
     for n in (2, 3, 7, 31, 120, 400):
         C = rng.standard_normal((n, n)).astype(np.float32)
         ref, col = scipy_total(C)
-        r = M.solve_assignment_detailed(C, method="fast")
+        r = A.solve_assignment_detailed(C, method="fast")
         assert r.total == ref
         np.testing.assert_array_equal(r.col_for_row, col)  # continuous: unique optimum
         np.testing.assert_array_equal(r.values, C[np.arange(n), col])
@@ -110,17 +111,17 @@ def test_fast_equals_scipy_adversarial(kind):
             C = _adversarial(rng, kind, n)
             C0 = C.copy()
             ref, _ = scipy_total(C)
-            col = M.solve_assignment(C, method="fast")
+            col = A.solve_assignment(C, method="fast")
             assert np.array_equal(C, C0), "overwrite=False must leave C unchanged"
             assert sorted(col.tolist()) == list(range(n))
-            assert M.assignment_total(C, col) == ref
+            assert A.assignment_total(C, col) == ref
 
 
 def test_overwrite_true_gives_same_answer():
     rng = np.random.default_rng(5)
     C = _adversarial(rng, "planted_perm", 300)
     ref, col = scipy_total(C)
-    r = M.solve_assignment_detailed(C.copy(), method="fast", overwrite=True)
+    r = A.solve_assignment_detailed(C.copy(), method="fast", overwrite=True)
     assert r.info["n_fixed"] > 0
     assert r.total == ref
     np.testing.assert_array_equal(r.col_for_row, col)
@@ -132,7 +133,7 @@ def test_top2_stats_blockwise_match_reference(kind):
     C = rng.standard_normal((23, 23)).astype(np.float32) if kind == "random" else \
         rng.integers(0, 3, (23, 23)).astype(np.float32)
     C0 = C.copy()
-    st = M._top2(C, block_rows=4)
+    st = A.top2(C, block_rows=4)
     assert np.array_equal(C, C0)
     srt_r, srt_c = np.sort(C, axis=1), np.sort(C, axis=0)
     np.testing.assert_array_equal(st["row_max"], srt_r[:, -1])
@@ -150,22 +151,22 @@ def test_small_blocks_and_rounds_still_optimal():
         C = _adversarial(rng, "planted_perm", 90)
         C[:, :30] = (np.round(C[:, :30] * 8) / 8).astype(np.float32)  # add ties
         ref, _ = scipy_total(C)
-        r = M.solve_assignment_detailed(C, method="fast", block_rows=7)
+        r = A.solve_assignment_detailed(C, method="fast", block_rows=7)
         assert r.total == ref
 
 
 def test_reduction_rejects_mutual_best_pair_that_is_not_optimal():
     # (0, 0) are mutual nearest neighbours, yet the optimum pairs 0-1 and 1-0 (1.8 > 1.0)
     C = np.array([[1.0, 0.9], [0.9, 0.0]], np.float32)
-    i, j = M._provable_pairs(M._top2(C.copy()))
+    i, j = A._provable_pairs(A.top2(C.copy()))
     assert len(i) == 0
-    np.testing.assert_array_equal(M.solve_assignment(C, method="fast"), [1, 0])
+    np.testing.assert_array_equal(A.solve_assignment(C, method="fast"), [1, 0])
 
 
 def test_provable_pairs_are_in_the_optimum():
     rng = np.random.default_rng(3)
     C = _adversarial(rng, "planted_perm", 200)
-    i, j = M._provable_pairs(M._top2(C.copy()))
+    i, j = A._provable_pairs(A.top2(C.copy()))
     _, col = scipy_total(C)
     assert len(i) > 100
     np.testing.assert_array_equal(col[i], j)
@@ -184,7 +185,7 @@ def test_repair_path_fixes_a_wrong_lapjv_answer(monkeypatch):
     for n in (4, 40, 200):
         C = rng.standard_normal((n, n)).astype(np.float32)
         ref, col = scipy_total(C)
-        r = M.solve_assignment_detailed(C, method="fast")
+        r = A.solve_assignment_detailed(C, method="fast")
         assert r.info["n_repaired"] > 0
         assert r.total == ref
         np.testing.assert_array_equal(r.col_for_row, col)
@@ -194,34 +195,34 @@ def test_invalid_lapjv_output_falls_back_to_scipy(monkeypatch):
     monkeypatch.setattr(lapjv, "lapjv", lambda c, *a, **k: (np.zeros(c.shape[0], np.int32),) * 2 + ((0.0, None, None),))
     C = np.random.default_rng(0).standard_normal((6, 6)).astype(np.float32)
     with pytest.warns(UserWarning, match="invalid assignment"):
-        col = M.solve_assignment(C, method="fast")
-    assert M.assignment_total(C, col) == scipy_total(C)[0]
+        col = A.solve_assignment(C, method="fast")
+    assert A.assignment_total(C, col) == scipy_total(C)[0]
 
 
 def test_solver_input_errors():
     with pytest.raises(ValueError, match="square"):
-        M.solve_assignment(np.zeros((3, 4), np.float32))
+        A.solve_assignment(np.zeros((3, 4), np.float32))
     with pytest.raises(ValueError, match="2-D"):
-        M.solve_assignment(np.zeros(3, np.float32))
+        A.solve_assignment(np.zeros(3, np.float32))
     bad = np.zeros((3, 3), np.float32)
     bad[1, 2] = np.nan
     for method in ("fast", "scipy"):
         with pytest.raises(ValueError):
-            M.solve_assignment(bad, method=method)
+            A.solve_assignment(bad, method=method)
     with pytest.raises(ValueError, match="method"):
-        M.solve_assignment(np.zeros((2, 2), np.float32), method="greedy")
+        A.solve_assignment(np.zeros((2, 2), np.float32), method="greedy")
     # float64 costs that float32 cannot hold exactly: 'fast' refuses, 'auto' uses scipy
     C64 = np.random.default_rng(0).standard_normal((5, 5))
     with pytest.raises(ValueError, match="float32"):
-        M.solve_assignment(C64, method="fast")
-    assert M.solve_assignment_detailed(C64).info["method"] == "scipy"
-    assert len(M.solve_assignment(np.zeros((0, 0), np.float32))) == 0
+        A.solve_assignment(C64, method="fast")
+    assert A.solve_assignment_detailed(C64).info["method"] == "scipy"
+    assert len(A.solve_assignment(np.zeros((0, 0), np.float32))) == 0
 
 
 def test_scipy_method_matches_fast():
     rng = np.random.default_rng(2)
     C = rng.standard_normal((50, 50)).astype(np.float32)
-    np.testing.assert_array_equal(M.solve_assignment(C, method="scipy"), M.solve_assignment(C, method="fast"))
+    np.testing.assert_array_equal(A.solve_assignment(C, method="scipy"), A.solve_assignment(C, method="fast"))
 
 
 # --------------------------------------------------------------------------- SAE matching
@@ -372,11 +373,11 @@ def test_default_cache_dir_is_matchings_dir(tmp_path, monkeypatch):
 
 
 def test_scipy_fallback_without_lapjv(monkeypatch):
-    monkeypatch.setattr(M, "_lapjv_available", lambda: False)
+    monkeypatch.setattr(A, "_lapjv_available", lambda: False)
     C = np.random.default_rng(3).standard_normal((20, 20)).astype(np.float32)
-    r = M.solve_assignment_detailed(C)
+    r = A.solve_assignment_detailed(C)
     assert r.info["method"] == "scipy" and r.total == scipy_total(C)[0]
     with pytest.raises(ImportError, match="lapjv"):
-        M.solve_assignment(C, method="fast")
+        A.solve_assignment(C, method="fast")
     a, b = related_pair(30, 8, 2)
     assert M.match(a, b, cache=False).info["dec_solver"] == "scipy"

@@ -167,7 +167,7 @@ def test_firing_counts_match_brute_force(arch: str, tmp_path) -> None:
             expected = np.zeros(N_LAT, dtype=np.int64)
             np.add.at(expected, idx[vals > 0].numpy(), 1)
         else:
-            expected = (sae.encode(torch.from_numpy(acts)) > 0).sum(0).numpy()
+            expected = (sae.encode(torch.from_numpy(acts)).values > 0).sum(0).numpy()
     assert counts.dtype == np.int64
     np.testing.assert_array_equal(counts, expected)
 

@@ -10,6 +10,7 @@ import pytest
 
 from replication import matching as M
 from replication import stability as S
+from replication import stats
 from replication.directions import LatentDirections
 
 
@@ -133,7 +134,7 @@ def test_fit_power_law_recovers_offset_model():
     k = np.arange(2, 10, dtype=float)
     rng = np.random.default_rng(0)
     y = 0.6 * k ** -0.8 + 0.3 + rng.normal(0, 1e-4, k.size)
-    out = S.fit_power_law(k, y)
+    out = stats.fit_power_law(k, y)
     p = out["with_offset"]["params"]
     assert p["a"] == pytest.approx(0.6, abs=0.01)
     assert p["b"] == pytest.approx(-0.8, abs=0.02)
@@ -148,13 +149,13 @@ def test_fit_power_law_without_offset_data():
     k = np.arange(2, 10, dtype=float)
     rng = np.random.default_rng(1)
     y = 0.7 * k ** -0.3 * (1 + rng.normal(0, 1e-3, k.size))
-    out = S.fit_power_law(k, y)
+    out = stats.fit_power_law(k, y)
     p = out["without_offset"]["params"]
     assert p["a"] == pytest.approx(0.7, rel=0.01) and p["b"] == pytest.approx(-0.3, abs=0.01)
     assert out["f_test"]["p_value"] > 0.05
-    np.testing.assert_allclose(S.power_law(k, p["a"], p["b"]), y, rtol=0.01)
+    np.testing.assert_allclose(stats.power_law(k, p["a"], p["b"]), y, rtol=0.01)
     with pytest.raises(ValueError):
-        S.fit_power_law(k[:3], y[:3])
+        stats.fit_power_law(k[:3], y[:3])
 
 
 # --------------------------------------------------------------------------- firing frequency
@@ -180,12 +181,12 @@ def test_frequency_table_and_masks():
 def test_bootstrap_ci_covers_truth():
     rng = np.random.default_rng(0)
     x = rng.random(4000) < 0.3
-    ci = S.bootstrap_ci(x, n_boot=400, seed=1)
+    ci = stats.bootstrap_ci(x, n_boot=400, seed=1)
     assert ci["low"] < 0.3 < ci["high"] and ci["high"] - ci["low"] < 0.05
     assert ci["estimate"] == pytest.approx(x.mean())
-    med = S.bootstrap_ci(rng.normal(2.0, 1.0, 3000), n_boot=200, stat="median")
+    med = stats.bootstrap_ci(rng.normal(2.0, 1.0, 3000), n_boot=200, stat="median")
     assert med["low"] < 2.0 < med["high"]
-    assert S.bootstrap_ci(x, n_boot=50, seed=3) == S.bootstrap_ci(x, n_boot=50, seed=3)
+    assert stats.bootstrap_ci(x, n_boot=50, seed=3) == stats.bootstrap_ci(x, n_boot=50, seed=3)
 
 
 def test_random_baseline_and_permutation_test():
@@ -196,8 +197,8 @@ def test_random_baseline_and_permutation_test():
     chance = S.chance_shared_fractions(dirs, 0.7, seed=0)
     assert set(chance) == set(M.DEFINITIONS) and max(chance.values()) == 0.0
     rng = np.random.default_rng(0)
-    same = S.permutation_test(rng.normal(0, 1, 200), rng.normal(0, 1, 200), n_perm=300)
-    shifted = S.permutation_test(rng.normal(1, 1, 200), rng.normal(0, 1, 200), n_perm=300)
+    same = stats.permutation_test(rng.normal(0, 1, 200), rng.normal(0, 1, 200), n_perm=300)
+    shifted = stats.permutation_test(rng.normal(1, 1, 200), rng.normal(0, 1, 200), n_perm=300)
     assert same["p_value"] > 0.05 and shifted["p_value"] < 0.01
 
 
@@ -219,7 +220,7 @@ def test_threshold_sweep(family):
 
 
 def test_bimodality_separates_two_modes_from_one():
-    from replication.stability import bimodality
+    from replication.stats import bimodality
 
     rng = np.random.default_rng(0)
     two = np.concatenate([rng.normal(0.25, 0.06, 3000), rng.normal(0.85, 0.05, 2000)])
@@ -232,7 +233,7 @@ def test_bimodality_separates_two_modes_from_one():
 
 
 def test_power_law_fit_reports_failure_instead_of_raising():
-    from replication.stability import fit_power_law
+    from replication.stats import fit_power_law
 
     out = fit_power_law([2, 3, 4, 5], [np.nan, 1.0, 1.0, 1.0])
     assert out["with_offset"]["ok"] is False or out["without_offset"]["ok"] is False
@@ -251,7 +252,7 @@ def _skewed_and_flat_nulls(name: str, rng: np.random.Generator, n: int = 1024) -
 def test_bimodality_verdict_says_no_on_unimodal_nulls(null) -> None:
     """Unimodal samples of Figure 1's size are called bimodal at most 1 time in 20 (the dip test's level).
     The old ΔBIC+Sarle rule fails this on the uniform null, so this test tells the two rules apart."""
-    from replication.stability import bimodality
+    from replication.stats import bimodality
 
     draws = [bimodality(_skewed_and_flat_nulls(null, np.random.default_rng(seed))) for seed in range(20)]
     assert np.mean([d["bimodal"] for d in draws]) <= 0.05, null
@@ -261,7 +262,7 @@ def test_bimodality_verdict_says_no_on_unimodal_nulls(null) -> None:
 
 
 def test_bimodality_verdict_says_yes_on_two_modes() -> None:
-    from replication.stability import bimodality
+    from replication.stats import bimodality
 
     for seed in range(10):
         rng = np.random.default_rng(seed)
@@ -282,7 +283,8 @@ def _family_counts(rng: np.random.Generator, n_seeds: int = 9, n_latents: int = 
 def test_offset_verdict_says_no_when_latents_are_shared_independently() -> None:
     """The issue's null: each latent shared with each other seed independently (p = 0.34). The F-test
     calls the offset significant; the bootstrap/orphan verdict must not."""
-    from replication.stability import fit_power_law, kseed_only_in_base, offset_evidence
+    from replication.stability import kseed_only_in_base, offset_evidence
+    from replication.stats import fit_power_law
 
     for seed in range(5):
         counts = _family_counts(np.random.default_rng(seed))

@@ -1,0 +1,66 @@
+"""The family settings have one home: `notebooks/params/family/<profile>.yaml`."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import pytest
+import yaml
+
+from replication import paths, training
+from replication.experiments import FamilySpec, family_overrides
+
+
+def test_spec_defaults_equal_the_default_profile() -> None:
+    """Fails when someone edits `FamilySpec`'s defaults or `default.yaml` without the other."""
+    assert FamilySpec() == FamilySpec.from_profile("default")
+
+
+@pytest.mark.parametrize("profile", paths.profile_names())
+def test_every_profile_file_holds_only_family_fields(profile: str) -> None:
+    params = yaml.safe_load(paths.family_params_file(profile).read_text())
+    spec = FamilySpec.from_profile(profile)
+    for key, value in params.items():
+        got = getattr(spec, key)
+        assert (list(got) if isinstance(got, tuple) else got) == value, key
+
+
+def test_overrides_change_the_family_and_bad_names_are_clear_errors() -> None:
+    spec = FamilySpec.from_profile("default", n_latents=512, seeds=[0, 1])
+    assert (spec.n_latents, spec.seeds, spec.k) == (512, (0, 1), 32)
+    with pytest.raises(ValueError, match="unknown profile 'huge'.*default"):
+        FamilySpec.from_profile("huge")
+    with pytest.raises(ValueError, match=r"\['n_latent'\] are not family settings"):
+        FamilySpec.from_profile("default", n_latent=512)
+
+
+def test_notebook_namespace_overrides_pick_only_family_fields() -> None:
+    """What papermill injects (`-p n_latents 512`, `-p model_dtype float32`) reaches the spec; a notebook's
+    own parameters (threshold, n_boot) do not."""
+    namespace = {"profile": "smoke", "threshold": 0.7, "n_boot": 100, "n_latents": 512, "model_dtype": "float32"}
+    assert family_overrides(namespace) == {"n_latents": 512, "model_dtype": "float32"}
+    spec = FamilySpec.from_profile("smoke", **family_overrides(namespace))
+    assert (spec.n_latents, spec.model_dtype, spec.seq_len) == (512, "float32", 128)
+
+
+def test_no_notebook_repeats_the_family_settings() -> None:
+    """Notebooks hold `profile` and their own settings; the family block lives only in the profile files."""
+    family_keys = set(FamilySpec.__dataclass_fields__)
+    for nb in sorted(paths.NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb")):
+        cells = [c for c in json.loads(nb.read_text())["cells"] if "parameters" in c["metadata"].get("tags", [])]
+        assert len(cells) == 1, nb.name
+        assigned = {line.split("=")[0].strip() for line in "".join(cells[0]["source"]).splitlines()
+                    if "=" in line and not line.lstrip().startswith("#")}
+        assert "profile" in assigned, nb.name
+        assert not assigned & family_keys, f"{nb.name} repeats family settings {sorted(assigned & family_keys)}"
+        for params_file in (paths.NOTEBOOKS_DIR / "params" / nb.stem).glob("*.yaml"):
+            own = yaml.safe_load(params_file.read_text()) or {}
+            assert not set(own) & family_keys, f"{params_file} repeats family settings {sorted(set(own) & family_keys)}"
+
+
+def test_learning_rate_rule_lives_in_one_function() -> None:
+    assert training.learning_rate(2**14) == pytest.approx(2e-4)
+    assert training.learning_rate(1024, 4.0) == pytest.approx(4.0 * 2e-4 / (1024 / 2**14) ** 0.5)
+    assert training.learning_rate(1024, 4.0, lr=1e-3) == 1e-3
+    assert training.TrainConfig(n_latents=1024).resolved_lr() == training.learning_rate(1024)
+    assert asdict(FamilySpec())["lr"] is None

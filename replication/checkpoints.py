@@ -56,6 +56,16 @@ _LAYOUT_HELP = (
 # ----------------------------------------------------------------------------------------------
 # writing
 # ----------------------------------------------------------------------------------------------
+def seed_folder(family_root: Path | str, seed: int, hook: str) -> Path:
+    """Where a family's seed keeps its final checkpoint: `<family_root>/seed<seed>/<hook>/` (the sparsify layout)."""
+    return Path(family_root) / f"seed{seed}" / hook
+
+
+def is_finished(folder: Path | str) -> bool:
+    """A final checkpoint exists in `folder` (its weights file is written last, atomically)."""
+    return (Path(folder) / SPARSIFY_WEIGHTS).exists()
+
+
 def save_sae(sae: SAEBase, run_dir: Path | str, hookpoint: str = "layer",
              training_info: dict[str, Any] | None = None) -> Path:
     """Write `sae` in the sparsify layout under `<run_dir>/<hookpoint>/`; return that folder.

@@ -265,3 +265,40 @@ def seed_families(specs: Sequence[FamilySpec], progress: bool = True, model=None
 def seed_family(spec: FamilySpec, progress: bool = True, model=None) -> SeedFamily:
     """Build the activation cache, train (or load) every seed, and count held-out firing."""
     return seed_families([spec], progress=progress, model=model)[0]
+
+
+@dataclass
+class FinishedFamily:
+    """The final SAEs of a seed family, their activation cache and pairwise matchings (read-only)."""
+
+    spec: FamilySpec
+    cache: ActivationCache
+    saes: list
+    directions: list[LatentDirections]
+    matching: Any
+    loaded_without_training: bool
+
+
+def load_finished_family(spec: FamilySpec, train_if_missing: bool = True, progress: bool = False) -> FinishedFamily:
+    """A family's final SAEs read from their checkpoints, never retraining a finished seed.
+
+    `seed_family` also (re)trains seeds whose intermediate checkpoints are missing; analyses that
+    need only the final weights (Figure 6) read them here, and fall back to `seed_family` only when
+    a final checkpoint is absent (`train_if_missing`).
+    """
+    from .activations import cache_folder
+    from .checkpoints import is_finished, load_sae, seed_folder
+    from .stability import FamilyMatching
+
+    folders = [seed_folder(family_dir(spec), s, spec.hook) for s in spec.seeds]
+    act_folder = cache_folder(spec.activation_settings())
+    if not (all(is_finished(f) for f in folders) and (act_folder / "manifest.json").exists()):
+        if not train_if_missing:
+            missing = [str(f) for f in folders if not is_finished(f)]
+            raise FileNotFoundError(f"family not trained: missing {missing[:3]} (run experiments.seed_family first)")
+        fam = seed_family(spec, progress=progress)
+        return FinishedFamily(spec, fam.cache, [r.sae for r in fam.results], fam.directions, fam.matching, False)
+    saes = [load_sae(f, device=spec.device) for f in folders]
+    directions = [sae.latent_directions(name=f"seed{s}") for sae, s in zip(saes, spec.seeds)]
+    return FinishedFamily(spec, ActivationCache.open(act_folder), saes, directions,
+                          FamilyMatching(directions, progress=progress), True)

@@ -34,6 +34,7 @@ import torch
 
 from . import paths
 from .activations import heldout_token_windows
+from .experiments import FinishedFamily
 from .io import atomic_path, read_json, settings_key, write_json_atomic
 from .sae import on_device
 from .stats import auc, balanced_accuracy, spearman_with_permutation
@@ -132,47 +133,6 @@ def heldout_contexts(cache, ctx_len: int = 16, tokenizer=None) -> HeldoutContext
         tokenizer = load_tokenizer(settings["model_name"])
     return HeldoutContexts(tokens, first, ctx_len, n_rows, token_decoder(tokenizer),
                            {**source, "ctx_len": ctx_len, "activation_cache": cache.folder.name})
-
-
-# --------------------------------------------------------------------------- the family, read-only
-@dataclass
-class TrainedFamily:
-    """The finished SAEs of a seed family, their activation cache and pairwise matchings."""
-
-    spec: Any
-    cache: Any
-    saes: list
-    directions: list
-    matching: Any
-    loaded_without_training: bool
-
-
-def load_trained_family(spec, train_if_missing: bool = True, progress: bool = False) -> TrainedFamily:
-    """Load a family's final SAEs directly from their checkpoints, never retraining a finished seed.
-
-    `experiments.seed_family` also (re)trains seeds whose intermediate checkpoints are missing;
-    this figure needs only the final weights, so it reads them with `checkpoints.load_sae` and
-    falls back to `seed_family` only when a final checkpoint is absent (`train_if_missing`).
-    """
-    from .activations import ActivationCache, cache_folder
-    from .checkpoints import load_sae
-    from .experiments import family_dir, seed_family
-    from .stability import FamilyMatching
-
-    folders = [family_dir(spec) / f"seed{s}" / spec.hook for s in spec.seeds]
-    act_folder = cache_folder(spec.activation_settings())
-    finished = all((f / "sae.safetensors").exists() for f in folders) and (act_folder / "manifest.json").exists()
-    if not finished:
-        if not train_if_missing:
-            missing = [str(f) for f in folders if not (f / "sae.safetensors").exists()]
-            raise FileNotFoundError(f"family not trained: missing {missing[:3]} (run experiments.seed_family first)")
-        fam = seed_family(spec, progress=progress)
-        saes = [r.sae for r in fam.results]
-        return TrainedFamily(spec, fam.cache, saes, fam.directions, fam.matching, False)
-    cache = ActivationCache.open(act_folder)
-    saes = [load_sae(f, device=spec.device) for f in folders]
-    directions = [sae.latent_directions(name=f"seed{s}") for sae, s in zip(saes, spec.seeds)]
-    return TrainedFamily(spec, cache, saes, directions, FamilyMatching(directions, progress=progress), True)
 
 
 # --------------------------------------------------------------------------- latent activations
@@ -454,7 +414,7 @@ def table1_pairs(pairs: pd.DataFrame, bins: Sequence[float] = (0.0, 0.2, 0.4, 0.
 
 
 # --------------------------------------------------------------------------- notebook-level helpers
-def score_seed(family: TrainedFamily, seed_index: int, contexts: HeldoutContexts, latents: Sequence[int] | None,
+def score_seed(family: FinishedFamily, seed_index: int, contexts: HeldoutContexts, latents: Sequence[int] | None,
                explainer, scorer, settings: ContextSettings, shared_counts: np.ndarray, batch_latents: int = 8,
                progress: bool = False) -> pd.DataFrame:
     """`score_latents` for one seed of a family (all latents when `latents` is None), with the seed,

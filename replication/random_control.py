@@ -7,7 +7,7 @@ it should separate the two: `family_stability` summarises one family, `separatio
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -68,4 +68,51 @@ def cross_model_shared(real_family, random_family, threshold: float = DEFAULT_TH
     return shared_fractions(res, threshold)["threshold"]
 
 
-__all__ = ["control_specs", "family_stability", "separation", "cross_model_shared"]
+__all__ = ["control_specs", "family_stability", "separation", "cross_model_shared", "ControlResult", "run_control"]
+
+
+SUMMARY_KEYS = ("mean_shared_fraction", "shared_with_none", "shared_with_all", "median_matched_dec_cos",
+                "chance_shared_fraction", "mean_fvu", "mean_dead_fraction")
+"""The per-family numbers the notebook's table and the figure JSON report."""
+
+
+@dataclass
+class ControlResult:
+    """The real-model family, its random-model twin, their stability and how well it separates them."""
+
+    real: Any                      # experiments.SeedFamily
+    random: Any
+    stability: dict[str, dict[str, Any]]   # {"real": family_stability(...), "random": ...}
+    separation: dict[str, Any]
+    cross_model_shared: float
+    threshold: float
+
+    def table(self):
+        """One column per family, one row per `SUMMARY_KEYS` entry."""
+        import pandas as pd
+
+        return pd.DataFrame({name: {key: s[key] for key in SUMMARY_KEYS} for name, s in self.stability.items()})
+
+    def summary(self) -> dict[str, Any]:
+        """Plain numbers for the figure JSON."""
+        out: dict[str, Any] = {
+            name: {"pair_shared_fraction": s["pair_shared_fraction"].tolist(),
+                   "kseed_curve": {str(k): v for k, v in s["kseed_curve"].items()},
+                   **{key: s[key] for key in SUMMARY_KEYS}}
+            for name, s in self.stability.items()}
+        out.update(separation=self.separation, cross_model_shared_fraction=self.cross_model_shared,
+                   family_real=self.real.summary(), family_random=self.random.summary())
+        return out
+
+
+def run_control(base, threshold: float = DEFAULT_THRESHOLD, progress: bool = False, **overrides: Any) -> ControlResult:
+    """Train (or load) the real and the random-model family of `base` (with `overrides`, see
+    `control_specs`), and measure and compare their seed stability."""
+    from .experiments import seed_family
+
+    spec_real, spec_random = control_specs(base, **overrides)
+    real = seed_family(spec_real, progress=progress)
+    random = seed_family(spec_random, progress=progress)
+    stab = {"real": family_stability(real, threshold), "random": family_stability(random, threshold)}
+    return ControlResult(real, random, stab, separation(stab["real"], stab["random"]),
+                         cross_model_shared(real, random, threshold), threshold)

@@ -255,6 +255,12 @@ class SAEBase(nn.Module):
             self.b_dec.zero_()
         return weight
 
+    def reset_parameters(self, seed: int) -> None:
+        """sparsify init from a local generator: nn.Linear weight, zero bias, tied unit-norm decoder."""
+        self._init_tied(seed)
+        with torch.no_grad():
+            self.encoder.bias.zero_()
+
     def _extra_repr_fields(self) -> str:
         return f"d_in={self.d_in}, n_latents={self.n_latents}"
 
@@ -287,12 +293,6 @@ class TopKSAE(SAEBase):
         self._create_weights(True, device, dtype)
         if seed is not None:
             self.reset_parameters(seed)
-
-    def reset_parameters(self, seed: int) -> None:
-        """sparsify init from a local generator: nn.Linear weight, zero bias, tied unit-norm decoder."""
-        self._init_tied(seed)
-        with torch.no_grad():
-            self.encoder.bias.zero_()
 
     def _extra_repr_fields(self) -> str:
         return f"d_in={self.d_in}, n_latents={self.n_latents}, k={self.k}"
@@ -334,9 +334,6 @@ class TopKSAE(SAEBase):
         return torch.bincount(indices[values > 0], minlength=self.n_latents).to(torch.int64)
 
 
-@torch.no_grad()
-
-
 # ----------------------------------------------------------------------------------------------
 # dense architectures
 # ----------------------------------------------------------------------------------------------
@@ -362,11 +359,6 @@ class ReLUSAE(SAEBase):
         dtype = self._create_weights(True, device, dtype)
         if seed is not None:
             self.reset_parameters(seed)
-
-    def reset_parameters(self, seed: int) -> None:
-        self._init_tied(seed)
-        with torch.no_grad():
-            self.encoder.bias.zero_()
 
     def activations(self, x: Tensor) -> Tensor:
         return F.relu(F.linear(x - self.b_dec, self.encoder.weight, self.encoder.bias))
@@ -615,7 +607,6 @@ def build_sae(architecture: str, d_in: int, n_latents: int, *, k: int | None = N
 # ----------------------------------------------------------------------------------------------
 # firing counts
 # ----------------------------------------------------------------------------------------------
-@torch.no_grad()
 def on_device(sae: SAEBase, device: str | torch.device | None) -> SAEBase:
     """`sae` itself, or a copy on `device` (the caller's module stays where it is)."""
     if device is None or torch.device(device) == sae.device:
@@ -654,6 +645,7 @@ def iter_codes(sae: SAEBase, activations: np.ndarray | Tensor, batch_size: int =
         yield start, x, sae.encode(x)
 
 
+@torch.no_grad()
 def firing_counts(sae: SAEBase, activations: np.ndarray | Tensor, batch_size: int = 4096,
                   device: str | torch.device | None = None, *, input_scale: float | None = None,
                   progress: bool = True) -> np.ndarray:

@@ -172,6 +172,7 @@ def _select_then_recompute(pre_low: Tensor, k: int, xc: Tensor, W_enc: Tensor, b
     return values, indices
 
 
+@torch.no_grad()
 def topk_loss_and_grads(
     sae: "TopKSAE", x: Tensor, *, total_variance: Tensor | None = None, dead_mask: Tensor | None = None,
     auxk_alpha: float = 0.0, workspace: dict[str, Tensor] | None = None, select_dtype: torch.dtype | None = None,

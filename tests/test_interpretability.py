@@ -294,14 +294,12 @@ def test_stratified_sample_and_alignment():
 
 # --------------------------------------------------------------------------- real data (smoke family)
 def _smoke_family():
-    import yaml
-
+    """The smoke family `make nbval` trained; fails (never skips) when it is missing."""
     from replication import experiments
 
-    params = yaml.safe_load((paths.NOTEBOOKS_DIR / "params" / "family" / "smoke.yaml").read_text())
-    spec = experiments.FamilySpec.from_params(params)
-    if not (experiments.family_dir(spec) / f"seed{spec.seeds[-1]}").exists():
-        pytest.skip("smoke family not trained yet (run `make nbval` first)")
+    spec = experiments.FamilySpec.from_profile("smoke")
+    assert (experiments.family_dir(spec) / f"seed{spec.seeds[-1]}").exists(), \
+        "smoke family not trained yet: run `make nbval` (make test does) first"
     return experiments.seed_family(spec, progress=False)
 
 

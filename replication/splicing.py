@@ -14,6 +14,8 @@ Intervals are paired bootstraps over held-out sequences (tokens within a sequenc
 """
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -243,3 +245,78 @@ def group_means(per_mask: np.ndarray, groups: Mapping[str, Sequence[int]]) -> di
     """Average rows of `per_mask [n_masks, ...]` within each named group of mask indices (random draws)."""
     per_mask = np.asarray(per_mask, np.float64)
     return {name: per_mask[list(ix)].mean(0) for name, ix in groups.items()}
+
+
+# --------------------------------------------------------------------------- the whole study (notebook 10)
+@dataclass
+class AsymmetryResult:
+    """Stable vs unstable ablations of one SAE: FVU and spliced next-token loss per condition."""
+
+    names: list[str]               # the ablation conditions (masks), in order
+    mask_info: dict[str, Any]
+    fvu: dict[str, dict[str, float]]   # per condition: value, delta vs "full", bootstrap interval
+    ce: dict[str, dict[str, float]]    # the same for the spliced loss, plus "clean" and "zero"
+    paired: dict[str, dict[str, float]]   # stable - unstable_mass, paired bootstrap ("fvu", "ce")
+    loss_recovered: float
+    n_eval_seqs: int
+    n_eval_tokens: int
+    timings_s: dict[str, float]
+
+    def table(self):
+        """One row per condition (and clean / zero model): latents removed, FVU, CE and their deltas."""
+        import pandas as pd
+
+        rows = self.names + ["clean", "zero"]
+        masked = self.mask_info["masked"]
+        return pd.DataFrame({"latents removed": [masked[n]["n_latents"] if n in masked else None for n in rows],
+                             "FVU": [self.fvu[n]["value"] if n in self.fvu else None for n in rows],
+                             "ΔFVU": [self.fvu[n]["delta"] if n in self.fvu else None for n in rows],
+                             "CE": [self.ce[n]["value"] for n in rows],
+                             "ΔCE vs full": [self.ce[n]["delta"] for n in rows],
+                             "ΔCE low": [self.ce[n]["delta_low"] for n in rows],
+                             "ΔCE high": [self.ce[n]["delta_high"] for n in rows]}, index=rows)
+
+    def summary(self) -> dict[str, Any]:
+        """Plain numbers for the figure JSON."""
+        def ratio(res: dict[str, dict[str, float]]) -> float:
+            d = res["unstable_mass"]["delta"]
+            return res["stable"]["delta"] / d if d > 0 else float("inf")
+
+        return {"masks": self.mask_info, "fvu": self.fvu, "ce": self.ce, "loss_recovered": self.loss_recovered,
+                "n_eval_seqs": self.n_eval_seqs, "n_eval_tokens": self.n_eval_tokens,
+                "stable_over_unstable_mass": {"fvu": ratio(self.fvu), "ce": ratio(self.ce)},
+                "stable_minus_unstable_mass_paired": self.paired, "timings_s": self.timings_s}
+
+
+def functional_asymmetry(model: Any, sae: SAEBase, classes: np.ndarray, heldout: np.ndarray, windows: np.ndarray, hook: str,
+                         seq_len: int, skip_positions: int, *, n_draws: int = 2, mass_fraction: float = 1.0, mask_seed: int = 0,
+                         batch_seqs: int = 8, n_boot: int = 2000, device: str | torch.device | None = None) -> AsymmetryResult:
+    """Ablate stable, mass-matched unstable, count-matched unstable and random latents of `sae` (per
+    `classes` from `per_latent.stability_classes`), and measure held-out FVU and the spliced next-token
+    loss on `windows`, each with a bootstrap over held-out sequences (the study's design)."""
+    mass = activation_mass(sae, heldout, device=device)
+    conditions, mask_info = ablation_conditions(classes, mass, n_draws, mass_fraction, seed=mask_seed)
+    names = list(conditions)
+    masks = [m for name in names for m in conditions[name]]
+    groups, i = {}, 0
+    for name in names:
+        groups[name], i = list(range(i, i + len(conditions[name]))), i + len(conditions[name])
+    start = time.time()
+    err, var = reconstruction_errors(sae, heldout, masks, group_size=seq_len - skip_positions, device=device)
+    err_by_condition = np.stack(list(group_means(err, groups).values()))
+    fvu = dict(zip(names, bootstrap_ratio_deltas(err_by_condition, var, reference=0, n_boot=n_boot, seed=1)))
+    t_fvu = time.time() - start
+    start = time.time()
+    losses = spliced_losses(model, sae, hook, windows, masks, skip_positions=skip_positions, batch_seqs=batch_seqs)
+    per_cond = group_means(np.stack([losses[f"mask{j}"] for j in range(len(masks))]), groups)
+    rows = np.stack([per_cond[n] for n in names] + [losses["clean"], losses["zero"]])
+    ce = dict(zip(names + ["clean", "zero"],
+                  bootstrap_ratio_deltas(rows, np.ones(rows.shape[1]), reference=0, n_boot=n_boot, seed=2)))
+    t_loss = time.time() - start
+    stable, unstable = names.index("stable"), names.index("unstable_mass")
+    paired = {"fvu": bootstrap_ratio_deltas(err_by_condition, var, reference=unstable, n_boot=n_boot, seed=3)[stable],
+              "ce": bootstrap_ratio_deltas(rows, np.ones(rows.shape[1]), reference=unstable, n_boot=n_boot, seed=3)[stable]}
+    recovered = (ce["zero"]["value"] - ce["full"]["value"]) / (ce["zero"]["value"] - ce["clean"]["value"])
+    return AsymmetryResult(names, mask_info, fvu, ce, paired, recovered, int(windows.shape[0]), int(windows.size),
+                           {"fvu": t_fvu, "spliced_loss": t_loss})
+

@@ -23,6 +23,7 @@ from scipy import stats
 
 from .directions import LatentDirections
 from .matching import DEFAULT_THRESHOLD, DEFINITIONS, shared_masks
+from .stats import seed_bootstrap
 
 
 # ----------------------------------------------------------------------------------- overlap
@@ -43,6 +44,7 @@ class Overlap:
     mean_matched_cos: dict[str, float]
     mean_max_cos: dict[str, float]
     extra: dict[str, Any] = field(default_factory=dict)
+    seed_level: dict[str, dict[str, Any]] = field(default_factory=dict)   # stats.seed_bootstrap per definition and "pw_mcc"
 
     def mean(self, definition: str = "threshold") -> float:
         return float(self.per_pair[definition].mean())
@@ -58,9 +60,15 @@ class Overlap:
             lo, hi = self.interval(d)
             shared[d] = {"mean": float(v.mean()), "std_over_pairs": float(v.std()), "ci95": [lo, hi],
                          "per_pair": [float(x) for x in v]}
-        return {"n_seeds": self.n_seeds, "n_pairs": len(next(iter(self.per_pair.values()))),
-                "n_latents": self.n_latents, "threshold": self.threshold, "shared": shared,
-                "mean_matched_cos": self.mean_matched_cos, "mean_max_cos": self.mean_max_cos, **self.extra}
+            if d in self.seed_level:
+                shared[d]["ci95_seed"] = [self.seed_level[d]["low"], self.seed_level[d]["high"]]
+        out = {"n_seeds": self.n_seeds, "n_pairs": len(next(iter(self.per_pair.values()))),
+               "n_latents": self.n_latents, "threshold": self.threshold, "shared": shared,
+               "mean_matched_cos": self.mean_matched_cos, "mean_max_cos": self.mean_max_cos, **self.extra}
+        if "pw_mcc" in self.seed_level:   # Song et al.'s PW-MCC: mean Hungarian-matched decoder cosine over pairs
+            pw = self.seed_level["pw_mcc"]
+            out["pw_mcc"] = {"estimate": pw["estimate"], "ci95_seed": [pw["low"], pw["high"]]}
+        return out
 
 
 def family_overlap(directions: Sequence[LatentDirections], threshold: float = DEFAULT_THRESHOLD, n_boot: int = 1000,
@@ -79,10 +87,12 @@ def family_overlap(directions: Sequence[LatentDirections], threshold: float = DE
     pairs = list(itertools.combinations(range(fm.n_seeds), 2))
     masks = {d: np.empty((len(pairs), fm.n_latents), bool) for d in DEFINITIONS}
     cos = {key: np.empty(len(pairs)) for key in ("dec", "enc", "dec_max", "enc_max")}
+    dec_cos = np.empty((len(pairs), fm.n_latents))
     for p, (i, j) in enumerate(pairs):
         res = fm.result(i, j)
         for d, m in shared_masks(res, threshold).items():
             masks[d][p] = m
+        dec_cos[p] = res.dec_cos
         cos["dec"][p], cos["enc"][p] = res.dec_cos.mean(), res.enc_cos.mean()
         cos["dec_max"][p], cos["enc_max"][p] = res.dec_max_cos.mean(), res.enc_max_cos.mean()
     rng = np.random.default_rng(seed)
@@ -95,6 +105,8 @@ def family_overlap(directions: Sequence[LatentDirections], threshold: float = DE
         mean_matched_cos={"dec": float(cos["dec"].mean()), "enc": float(cos["enc"].mean())},
         mean_max_cos={"dec": float(cos["dec_max"].mean()), "enc": float(cos["enc_max"].mean())},
         extra=dict(extra),
+        seed_level={**{d: seed_bootstrap(m, pairs, fm.n_seeds, n_boot=n_boot, seed=seed + 1) for d, m in masks.items()},
+                    "pw_mcc": seed_bootstrap(dec_cos, pairs, fm.n_seeds, n_boot=n_boot, seed=seed + 2)},
     )
 
 

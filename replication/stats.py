@@ -80,6 +80,46 @@ def hierarchical_bootstrap(groups: Sequence[np.ndarray], n_boot: int = 1000, ci:
             "ci": ci, "n_boot": n_boot, "n_groups": len(groups), "seed": seed}
 
 
+def seed_bootstrap(values: np.ndarray, pairs: Sequence[tuple[int, int]], n_seeds: int, n_boot: int = 1000,
+                   ci: float = 0.95, seed: int = 0, chunk: int = 64) -> dict[str, Any]:
+    """Hierarchical bootstrap of a pair-averaged statistic of a seed family: resample the seeds (hence
+    the pairs), then the latents within each pair.
+
+    `values [n_pairs, n_latents]` holds a per-latent value for each unordered seed pair `pairs[k] = (i, j)`
+    (e.g. 1 where base latent l of seed i is shared with seed j, or its matched decoder cosine). The
+    estimate is the mean over pairs of the per-pair mean. A resample draws `n_seeds` seeds with replacement;
+    each pair of distinct drawn seeds counts once per way of picking it (weight m_i * m_j for multiplicities
+    m), pairs of a seed with itself are dropped; within each pair the latents are resampled too. The interval
+    therefore carries the variance between seeds, which a latent-only bootstrap misses
+    (tests/test_stats.py shows its coverage on a null with seed effects).
+    """
+    values = np.asarray(values, np.float64)
+    if values.ndim != 2 or values.shape[0] != len(pairs) or values.shape[1] == 0:
+        raise ValueError(f"values must be [n_pairs={len(pairs)}, n_latents > 0], got {values.shape}")
+    if n_seeds < 2:
+        raise ValueError(f"a seed bootstrap needs at least 2 seeds, got {n_seeds}")
+    first = np.array([min(p) for p in pairs])
+    second = np.array([max(p) for p in pairs])
+    if (first == second).any() or first.min() < 0 or second.max() >= n_seeds:
+        raise ValueError(f"pairs must be distinct seed indices in 0..{n_seeds - 1}")
+    rng = np.random.default_rng(seed)
+    n_pairs, n_latents = values.shape
+    pair_boot = np.empty((n_boot, n_pairs))
+    for start in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - start)
+        for k in range(n_pairs):
+            pair_boot[start:start + b, k] = values[k][rng.integers(0, n_latents, size=(b, n_latents))].mean(1)
+    draws = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
+    counts = np.stack([np.bincount(d, minlength=n_seeds) for d in draws]).astype(np.float64)
+    weights = counts[:, first] * counts[:, second]
+    ok = weights.sum(1) > 0                 # every drawn seed the same: no pair (probability n^(1-n))
+    boots = (weights[ok] * pair_boot[ok]).sum(1) / weights[ok].sum(1)
+    a = (1 - ci) / 2
+    low, high = np.quantile(boots, [a, 1 - a])
+    return {"estimate": float(values.mean(1).mean()), "low": float(low), "high": float(high), "ci": ci,
+            "n_boot": int(ok.sum()), "n_seeds": int(n_seeds), "n_pairs": int(n_pairs), "seed": seed}
+
+
 # --------------------------------------------------------------------------- tests
 def permutation_test(x: np.ndarray, y: np.ndarray, n_perm: int = 1000, seed: int = 0,
                      stat: str = "mean") -> dict[str, Any]:

@@ -134,6 +134,20 @@ def test_fig2_offset_interval_and_orphans_from_the_counts():
     assert ev["verdict_offset"] == (lo > 0 and ev["excess_orphans_ci95"][0] > 0)
 
 
+def test_fig2_at_two_seeds_is_one_minus_the_mean_pairwise_shared_fraction():
+    """Cross-figure consistency: the k-seed curve at k = 2 equals one minus the shared fraction averaged
+    over all ordered seed pairs (each pair's fraction computed here from its own match)."""
+    from replication import matching
+
+    n = numbers("02_fig2_kseed_decay")
+    family = _smoke_family("02_fig2_kseed_decay")
+    fm = family.matching
+    for definition in ("threshold", "agree", "decoder"):
+        fractions = [matching.shared_fractions(fm.result(i, j), 0.7)[definition]
+                     for i in range(fm.n_seeds) for j in range(fm.n_seeds) if i != j]
+        assert n["curves"][definition]["2"] == pytest.approx(1 - np.mean(fractions), abs=1e-12), definition
+
+
 def test_fig3_groups_cover_live_latents():
     n = numbers("03_fig3_firing_frequency")
     n_other = len(family_params()["seeds"]) - 1

@@ -33,6 +33,13 @@ def check_points(points: list[dict]) -> None:
         for part in ("dec", "enc"):
             assert p["mean_max_cos"][part] >= p["mean_matched_cos"][part] - 1e-6
         assert p["n_pairs"] == p["n_seeds"] * (p["n_seeds"] - 1) // 2 and p["n_seeds"] >= 2
+        # seed-level intervals (seeds, then latents) and Song et al.'s PW-MCC on every point
+        for d, s in p["shared"].items():
+            lo, hi = s["ci95_seed"]
+            assert 0.0 <= lo <= hi <= 1.0, d
+        assert p["pw_mcc"]["estimate"] == pytest.approx(p["mean_matched_cos"]["dec"], abs=1e-6)
+        lo, hi = p["pw_mcc"]["ci95_seed"]
+        assert lo <= p["pw_mcc"]["estimate"] + 1e-9 and p["pw_mcc"]["estimate"] <= hi + 1e-9
 
 
 def test_fig4_sweep_axes_as_declared():

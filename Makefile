@@ -28,7 +28,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 NAMES     := $(notdir $(basename $(NOTEBOOKS)))
 EXECUTED  := build/executed/$(PROFILE)
 STAMPS    := $(addprefix $(EXECUTED)/,$(addsuffix .ipynb,$(NAMES)))
-LIBRARY   := $(wildcard replication/*.py)
+LIBRARY   := $(wildcard replication/*.py replication/*/*.py)
 
 .PHONY: help venv figures test lint unit nbval bench corpus-sources clean-build example-report
 .DEFAULT_GOAL := help
@@ -76,7 +76,7 @@ nbval: $(INSTALLED)  ## run every notebook with smoke parameters under nbval (wr
 	@rm -rf build/nbval && mkdir -p build/nbval
 	@# Gemma's one-off conversion (~1 min of single-threaded parsing) overlaps notebooks 00-06; notebook 07
 	@# waits on its file lock if it is still running, or converts it itself if this failed (see the log).
-	@$(PY) -m replication.models gemma-3-270m > build/nbval/convert-gemma.log 2>&1 &
+	@$(PY) -m replication.lm.models gemma-3-270m > build/nbval/convert-gemma.log 2>&1 &
 	@for nb in $(NAMES); do \
 	  $(PY) -m papermill --prepare-only --log-level WARNING -k python3 \
 	    -p profile smoke -f notebooks/params/$$nb/smoke.yaml $(DTYPE_PARAMS) \

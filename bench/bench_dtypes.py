@@ -27,8 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from replication import devices  # noqa: E402
-from replication.models import load_model  # noqa: E402
-from replication.training import DataConfig, TrainConfig, _Member, resolve_config  # noqa: E402
+from replication.lm.models import load_model  # noqa: E402
+from replication.sae.training import DataConfig, TrainConfig, _Member, resolve_config  # noqa: E402
 
 
 def best_time(fn, repeats: int, budget_s: float = 20.0) -> float:

@@ -1,4 +1,4 @@
-"""Benchmark: exact fast assignment (`replication.matching`) vs scipy's linear_sum_assignment.
+"""Benchmark: exact fast assignment (`replication.analysis.matching`) vs scipy's linear_sum_assignment.
 
 Usage: python bench/bench_matching.py [--sizes 4096 16384 32768] [--skip-scipy-above N]
 
@@ -98,8 +98,8 @@ def _reset_peak() -> bool:
 
 def child(solver: str, n: int, d: int, seed: int, out_npy: str, shared: float, decay: float) -> dict:
     """Build C, run one solver, report timings and memory (runs in its own process)."""
-    from replication.assignment import solve_assignment_detailed
-    from replication.matching import cosine_matrix
+    from replication.analysis.assignment import solve_assignment_detailed
+    from replication.analysis.matching import cosine_matrix
 
     A, B = sae_like_pair(n, d, shared=shared, decay=decay, seed=seed)
     t0 = time.perf_counter()

@@ -78,7 +78,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from replication.training import DataConfig, TrainConfig, _Member  # noqa: E402
+from replication.sae.training import DataConfig, TrainConfig, _Member  # noqa: E402
 
 B, K = 4096, 32
 
@@ -156,7 +156,7 @@ def bench_one(d_in: int, n: int, repeats: int) -> dict[str, float]:
 
 def bench_end_to_end(d_in: int, n: int, batch: int, seeds: int, steps: int, select_dtype: str | None) -> float:
     """`train_saes` on a random array (data gather, hashing, NaN check included): SAE-tokens/s."""
-    from replication.training import train_saes
+    from replication.sae.training import train_saes
 
     acts = np.random.default_rng(0).standard_normal((batch * (steps + 1), d_in)).astype(np.float32)
     configs = [TrainConfig(n_latents=n, k=K, seed=s, select_dtype=select_dtype) for s in range(seeds)]

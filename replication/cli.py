@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import paths
-from .matching import DEFAULT_THRESHOLD, DEFINITIONS
+from .analysis.matching import DEFAULT_THRESHOLD, DEFINITIONS
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotImplementedError, TypeError, KeyError)
 
@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def core_family_of(profile: str) -> tuple[str, str]:
     """(checkpoint folder, activation cache folder) of a profile's core family, with dtypes resolved here."""
-    from .activations import cache_folder
     from .experiments import FamilySpec, family_dir
+    from .lm.activations import cache_folder
 
     spec = FamilySpec.from_profile(profile)
     return str(family_dir(spec)), str(cache_folder(spec.activation_settings()))
@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"report: {Path(args.out)}/ (report.json, per_latent.csv, pairs.csv"
                   + (", figures" if not args.no_plots else "") + ")")
         elif args.command == "export":
-            from .checkpoints import export_sae
+            from .sae.checkpoints import export_sae
 
             folder = export_sae(args.src, args.dest, layout=args.layout, hook_name=args.hook_name,
                                 fold_scale=not args.no_fold)

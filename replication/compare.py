@@ -22,7 +22,7 @@ Definitions (SPEC section 2): for every pair (i, j) with i listed first, SAE i i
 headline shared fraction pools the base latents of all pairs (for two SAEs it is exactly notebook
 01's number for that pair). PW-MCC is the mean cosine of the Hungarian-matched decoder directions,
 averaged over pairs; its baseline is the same statistic for two untrained SAEs of the same shape
-at their seeded initialisation (`sae.build_sae(..., seed=0 / 1)`).
+at their seeded initialisation (`architectures.build_sae(..., seed=0 / 1)`).
 """
 from __future__ import annotations
 
@@ -40,9 +40,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from .directions import LatentDirections
-from .io import write_json_atomic
-from .matching import (
+from .analysis.matching import (
     DEFAULT_THRESHOLD,
     DEFINITIONS,
     MatchResult,
@@ -52,7 +50,9 @@ from .matching import (
     shared_masks,
     solve_assignment_detailed,
 )
-from .sae import SAEBase
+from .io import write_json_atomic
+from .sae.architectures import SAEBase
+from .sae.directions import LatentDirections
 
 REPORT_DEFINITIONS: tuple[str, ...] = ("threshold", "agree", "decoder")
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -120,7 +120,7 @@ def load_input(item: Any, name: str) -> LoadedSAE:
     Paths are read whole with `checkpoints.load_sae` (every layout); an architecture it cannot
     rebuild falls back to directions only (`checkpoints.load_directions`), without FVU.
     """
-    from .checkpoints import detect_layout, load_directions, load_sae, sae_from_object
+    from .sae.checkpoints import detect_layout, load_directions, load_sae, sae_from_object
 
     if isinstance(item, LatentDirections):
         return LoadedSAE(name, "LatentDirections", LatentDirections(item.encoder, item.decoder, name=name,
@@ -177,7 +177,7 @@ def load_activations(path: Path | str, hook: str | None = None, split: str = "he
     if not path.exists():
         raise FileNotFoundError(f"activations not found: {path}")
     if path.is_dir():
-        from .activations import ActivationCache
+        from .lm.activations import ActivationCache
 
         cache = ActivationCache.open(path, verify=False)
         if hook is None:
@@ -350,7 +350,7 @@ def untrained_pw_mcc(d_in: int, n_latents: int, seeds: tuple[int, int] = (0, 1),
 
     Every architecture here shares sparsify's tied initialisation, so the shape alone fixes it.
     """
-    from .sae import build_sae
+    from .sae.architectures import build_sae
 
     decs = [build_sae(architecture, d_in, n_latents, k=1, seed=s).W_dec.detach().numpy() for s in seeds]
     return float(solve_assignment_detailed(cosine_matrix(decs[0], decs[1])).values.astype(np.float64).mean())
@@ -384,9 +384,10 @@ def compare_saes(saes: Sequence[Any], *, names: Sequence[str] | None = None, thr
     `activations` (array, file or activation cache) adds FVU, L0 and firing frequency per SAE.
     With `out_dir` the report is also written there (atomically). `progress`: True prints to stdout.
     """
-    from . import per_latent, stability, stats
-    from .sae import firing_counts
-    from .training import evaluate_sae
+    from .analysis import stability, stats
+    from .sae.architectures import firing_counts
+    from .sae.training import evaluate_sae
+    from .studies import per_latent
 
     log: Callable[[str], None] = (print if progress is True else progress) if progress else (lambda _msg: None)
     if definition not in DEFINITIONS:
@@ -544,7 +545,7 @@ def example_report(family_dir: Path | str, out_dir: Path | str, seeds: Sequence[
 
     The exported folders go to `export_dir` (default: a temporary folder, removed afterwards).
     """
-    from .checkpoints import export_sae
+    from .sae.checkpoints import export_sae
 
     family_dir = Path(family_dir)
     folders = [family_dir / f"seed{s}" for s in seeds]

@@ -21,10 +21,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import paths
+from .analysis.matching import DEFAULT_THRESHOLD
+from .analysis.stability import kseed_only_in_base
 from .experiments import FamilySpec, SeedFamily, seed_family
 from .io import write_json_atomic
-from .matching import DEFAULT_THRESHOLD
-from .stability import kseed_only_in_base
 
 
 def pair_matrix(family: SeedFamily, definition: str = "threshold", threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:

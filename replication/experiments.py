@@ -16,10 +16,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import paths
-from .activations import ActivationCache, ActivationSettings, build_activation_cache
 from .devices import resolve_device, resolved_dtypes
-from .directions import LatentDirections
 from .io import settings_key
+from .lm.activations import ActivationCache, ActivationSettings, build_activation_cache
+from .sae.directions import LatentDirections
 
 
 @dataclass
@@ -137,7 +137,7 @@ class SeedFamily:
 
     def directions_at(self, tokens: int) -> list[LatentDirections]:
         """Latent directions of every seed at an intermediate checkpoint (`spec.checkpoint_at_tokens`)."""
-        from .checkpoints import load_directions
+        from .sae.checkpoints import load_directions
 
         if tokens not in self.spec.checkpoint_at_tokens:
             raise ValueError(f"no intermediate checkpoint at {tokens} tokens; this family has "
@@ -148,7 +148,7 @@ class SeedFamily:
     @cached_property
     def matching(self):
         """`stability.FamilyMatching` over every seed pair (cached on disk per pair)."""
-        from .stability import FamilyMatching
+        from .analysis.stability import FamilyMatching
 
         start = time.time()
         fam = FamilyMatching(self.directions)
@@ -192,7 +192,7 @@ def family_dir(spec: FamilySpec) -> Path:
 
 
 def _train_configs(spec: FamilySpec):
-    from .training import TrainConfig, learning_rate
+    from .sae.training import TrainConfig, learning_rate
 
     lr = learning_rate(spec.n_latents, spec.lr_scale, spec.lr)
     return [
@@ -218,8 +218,8 @@ def seed_families(specs: Sequence[FamilySpec], progress: bool = True, model=None
     SAE of every such family (sweeps over size, k, architecture or seed cost one read of the data).
     A cache with several hooks is built in one forward pass (list the hooks in `extra_hooks`).
     """
-    from .sae import firing_counts
-    from .training import DataConfig, train_saes
+    from .sae.architectures import firing_counts
+    from .sae.training import DataConfig, train_saes
 
     requested = list(specs)
     # a family listed twice (e.g. where two sweeps cross) trains once
@@ -286,9 +286,9 @@ def load_finished_family(spec: FamilySpec, train_if_missing: bool = True, progre
     need only the final weights (Figure 6) read them here, and fall back to `seed_family` only when
     a final checkpoint is absent (`train_if_missing`).
     """
-    from .activations import cache_folder
-    from .checkpoints import is_finished, load_sae, seed_folder
-    from .stability import FamilyMatching
+    from .analysis.stability import FamilyMatching
+    from .lm.activations import cache_folder
+    from .sae.checkpoints import is_finished, load_sae, seed_folder
 
     folders = [seed_folder(family_dir(spec), s, spec.hook) for s in spec.seeds]
     act_folder = cache_folder(spec.activation_settings())

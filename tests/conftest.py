@@ -20,7 +20,7 @@ def tmp_data(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def smol_model():
-    from replication.models import load_model
+    from replication.lm.models import load_model
 
     return load_model("smollm2-135m", dtype="float32")
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from replication import ablations
-from replication.directions import LatentDirections
 from replication.experiments import FamilySpec
+from replication.sae.directions import LatentDirections
 
 
 def random_directions(n: int, d: int, seed: int, name: str = "") -> LatentDirections:

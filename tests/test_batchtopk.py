@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from replication.checkpoints import load_sae
-from replication.sae import BatchTopKSAE, build_sae
-from replication.training import DataConfig, TrainConfig, evaluate_sae, train_saes
+from replication.sae.architectures import BatchTopKSAE, build_sae
+from replication.sae.checkpoints import load_sae
+from replication.sae.training import DataConfig, TrainConfig, evaluate_sae, train_saes
 
 
 def _relu_pre(sae: BatchTopKSAE, x: torch.Tensor) -> np.ndarray:
@@ -85,7 +85,7 @@ def test_dictionary_learning_batchtopk_reads_back_with_its_threshold() -> None:
     """A dictionary_learning BatchTopKSAE state dict (encoder.weight [n, d], decoder.weight [d, n], b_dec, k,
     threshold) becomes our BatchTopKSAE, and its code equals dictionary_learning's inference formula
     relu(W (x - b_dec) + b) * (relu(...) > threshold)."""
-    from replication.checkpoints import sae_from_state_dict
+    from replication.sae.checkpoints import sae_from_state_dict
 
     gen = torch.Generator().manual_seed(0)
     d, n = 12, 40

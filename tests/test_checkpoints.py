@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from replication.checkpoints import detect_layout, load_directions, load_sae, read_training_info, save_sae
-from replication.sae import build_sae
+from replication.sae.architectures import build_sae
+from replication.sae.checkpoints import detect_layout, load_directions, load_sae, read_training_info, save_sae
 
 D_IN, N = 6, 10   # non-square on purpose: a transposed read cannot go unnoticed
 

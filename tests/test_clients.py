@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from replication.checkpoints import export_sae, load_directions, load_sae, sae_from_object, save_sae
 from replication.compare import compare_saes
-from replication.sae import build_sae
-from replication.training import evaluate_sae
+from replication.sae.architectures import build_sae
+from replication.sae.checkpoints import export_sae, load_directions, load_sae, sae_from_object, save_sae
+from replication.sae.training import evaluate_sae
 
 D_IN, N_LAT, K = 32, 96, 6
 

@@ -18,13 +18,13 @@ from safetensors.torch import save_file
 
 import replication
 from replication import cli
-from replication.checkpoints import export_sae, fold_input_scale, load_directions, load_sae, sae_from_state_dict, save_sae
+from replication.analysis.matching import match, shared_masks
+from replication.analysis.stability import kseed_only_in_base
+from replication.analysis.stats import bootstrap_ci
 from replication.compare import compare_saes, expand_inputs, untrained_pw_mcc
-from replication.matching import match, shared_masks
-from replication.sae import build_sae, firing_counts
-from replication.stability import kseed_only_in_base
-from replication.stats import bootstrap_ci
-from replication.training import DataConfig, TrainConfig, evaluate_sae, train_saes
+from replication.sae.architectures import build_sae, firing_counts
+from replication.sae.checkpoints import export_sae, fold_input_scale, load_directions, load_sae, sae_from_state_dict, save_sae
+from replication.sae.training import DataConfig, TrainConfig, evaluate_sae, train_saes
 
 D_IN, N_LAT, K = 64, 128, 4
 ROOT = Path(__file__).resolve().parent.parent

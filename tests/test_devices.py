@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from replication import devices, experiments, plotting
-from replication.activations import ActivationSettings
+from replication.lm.activations import ActivationSettings
 
 matplotlib.use("Agg")
 

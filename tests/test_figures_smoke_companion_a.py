@@ -88,7 +88,7 @@ def test_live_only_all_pairs_equal_scipy_matching_of_the_checkpoints():
     from scipy.optimize import linear_sum_assignment
 
     from replication import experiments
-    from replication.checkpoints import load_directions
+    from replication.sae.checkpoints import load_directions
 
     n = numbers("11_live_only_statistics")
     spec = experiments.FamilySpec.from_params(n["family"]["spec"])

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from replication import activations, corpus, paths
-from replication.activations import ActivationCache, ActivationSettings, build_activation_cache
 from replication.io import read_json
-from replication.models import ModelNotFoundError, load_model, next_token_loss
+from replication.lm.activations import ActivationCache, ActivationSettings, build_activation_cache
+from replication.lm.models import ModelNotFoundError, load_model, next_token_loss
 
 TINY = dict(model_name="smollm2-135m", hooks=("blocks.3.hook_mlp_out", "blocks.5.hook_resid_post"),
             n_train_tokens=630, n_heldout_tokens=63, seq_len=64, batch_seqs=2, model_dtype="float32",
@@ -131,7 +131,7 @@ def test_random_model_family_is_a_chance_baseline(tmp_data, smol_model):
 
     common = dict(n_train_tokens=6_300, n_heldout_tokens=630, seq_len=64, model_dtype="float32",
                   corpus_sources=("wikipedia",), corpus_max_tokens=20_000, n_latents=64, k=4,
-                  seeds=(0,), batch_size=256, n_tokens=12_800, hook="blocks.3.hook_mlp_out")
+                  seeds=(0,), batch_size=256, n_tokens=12_800, hook="blocks.3.hook_mlp_out", checkpoint_at_tokens=())
     real = experiments.seed_family(experiments.FamilySpec(**common), progress=False, model=smol_model)
     random = experiments.seed_family(experiments.FamilySpec(**common, random_model=True), progress=False)
     assert random.cache.manifest["settings"]["random_init"] is True

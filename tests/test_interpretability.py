@@ -1,4 +1,4 @@
-"""Tests for replication.interpretability and replication.explainers (Figure 6 / Table 1).
+"""Tests for replication.studies.interpretability and replication.studies.explainers (Figure 6 / Table 1).
 
 Synthetic contexts with a planted "cat" latent check the selection, the metrics and the
 whole explain -> score loop (lexical rule, and an OpenAI-compatible chat endpoint served by a
@@ -19,7 +19,7 @@ import torch
 from replication import explainers as E
 from replication import interpretability as I
 from replication import paths, stats
-from replication.sae import SAEBase
+from replication.sae.architectures import SAEBase
 
 # --------------------------------------------------------------------------- synthetic world
 VOCAB = ["the", " cat", " dog", " sat", " on", " mat", ".", " a", " 42", "\n", " Paris", " ran"]
@@ -281,7 +281,7 @@ def test_stratified_sample_and_alignment():
     pick = I.stratified_sample(groups, 4, seed=1)
     assert np.bincount(groups[pick]).tolist() == [4, 3, 4]
     assert np.array_equal(pick, I.stratified_sample(groups, 4, seed=1))
-    from replication.directions import LatentDirections
+    from replication.sae.directions import LatentDirections
 
     rng = np.random.default_rng(0)
     a = LatentDirections(rng.standard_normal((5, 4)), rng.standard_normal((5, 4)))
@@ -334,7 +334,7 @@ def test_context_max_agrees_with_firing_counts():
     cm = I.context_max(sae, held, ctx)
     covered = np.zeros(held.shape[0], bool)
     covered[ctx.rows(np.arange(ctx.n_contexts)).ravel()] = True
-    from replication.sae import firing_counts
+    from replication.sae.architectures import firing_counts
 
     counts_covered = firing_counts(sae, np.asarray(held)[covered], progress=False)
     assert np.array_equal(cm.max(0) > 0, counts_covered > 0)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from replication import live_only, stats
-from replication.directions import LatentDirections
-from replication.stability import FamilyMatching
+from replication.analysis.stability import FamilyMatching
+from replication.sae.directions import LatentDirections
 
 
 def _pair(n: int = 40, d: int = 32, n_dead: int = 10, seed: int = 0):

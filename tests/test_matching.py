@@ -1,4 +1,4 @@
-"""Tests for replication.matching: exact assignment, SAE matching, shared definitions, cache."""
+"""Tests for replication.analysis.matching: exact assignment, SAE matching, shared definitions, cache."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ from scipy.optimize import linear_sum_assignment
 
 from replication import assignment as A
 from replication import matching as M
-from replication.directions import LatentDirections
+from replication.sae.directions import LatentDirections
 
 lapjv = pytest.importorskip("lapjv")
 

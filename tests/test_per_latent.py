@@ -6,10 +6,10 @@ import pytest
 from scipy import stats
 
 from replication import per_latent
-from replication.directions import LatentDirections
+from replication.analysis.matching import match
+from replication.analysis.stability import FamilyMatching
 from replication.experiments import FamilySpec
-from replication.matching import match
-from replication.stability import FamilyMatching
+from replication.sae.directions import LatentDirections
 
 
 def _family(n_seeds: int = 5, n_latents: int = 40, d: int = 24, n_shared: int = 25, noise: float = 0.05, seed: int = 0):

@@ -1,4 +1,4 @@
-"""Pooling stable latents across seeds (replication.pooling)."""
+"""Pooling stable latents across seeds (replication.studies.pooling)."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from replication import pooling, synthetic
-from replication.sae import build_sae
-from replication.stability import FamilyMatching
+from replication.analysis.stability import FamilyMatching
+from replication.sae.architectures import build_sae
 
 
 def _family(n_seeds=3, n=20, d=32, n_common=8, seed=0):
@@ -68,7 +68,7 @@ def test_fine_tune_improves_fvu_and_leaves_the_input_alone():
     held = synthetic.sample(truth, 2_000, seed=1)
     sae = build_sae("topk", 32, 32, k=4, seed=0)
     before = sae.W_dec.detach().clone()
-    from replication.training import evaluate_sae
+    from replication.sae.training import evaluate_sae
 
     tuned, metrics = pooling.fine_tune(sae, x, 100_000, batch_size=256, lr=5e-3, heldout=held)
     assert torch.equal(sae.W_dec, before)

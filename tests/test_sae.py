@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from replication.sae import (
+from replication.sae.architectures import (
     GatedSAE,
     JumpReLUSAE,
     ReLUSAE,

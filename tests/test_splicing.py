@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from replication import splicing
-from replication.sae import TopKSAE
+from replication.sae.architectures import TopKSAE
 
 
 def _sae(d: int = 16, n: int = 32, k: int = 4, seed: int = 0, scale: float = 2.0) -> TopKSAE:

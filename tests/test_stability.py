@@ -1,4 +1,4 @@
-"""Tests for replication.stability: seed families, exact k-seed curve, fits, uncertainty."""
+"""Tests for replication.analysis.stability: seed families, exact k-seed curve, fits, uncertainty."""
 from __future__ import annotations
 
 import itertools
@@ -11,7 +11,7 @@ import pytest
 from replication import matching as M
 from replication import stability as S
 from replication import stats
-from replication.directions import LatentDirections
+from replication.sae.directions import LatentDirections
 
 
 def seed_family(n_seeds: int, n: int, d: int, seed: int = 0, frac: float = 0.5) -> list[LatentDirections]:
@@ -220,7 +220,7 @@ def test_threshold_sweep(family):
 
 
 def test_bimodality_separates_two_modes_from_one():
-    from replication.stats import bimodality
+    from replication.analysis.stats import bimodality
 
     rng = np.random.default_rng(0)
     two = np.concatenate([rng.normal(0.25, 0.06, 3000), rng.normal(0.85, 0.05, 2000)])
@@ -233,7 +233,7 @@ def test_bimodality_separates_two_modes_from_one():
 
 
 def test_power_law_fit_reports_failure_instead_of_raising():
-    from replication.stats import fit_power_law
+    from replication.analysis.stats import fit_power_law
 
     out = fit_power_law([2, 3, 4, 5], [np.nan, 1.0, 1.0, 1.0])
     assert out["with_offset"]["ok"] is False or out["without_offset"]["ok"] is False
@@ -252,7 +252,7 @@ def _skewed_and_flat_nulls(name: str, rng: np.random.Generator, n: int = 1024) -
 def test_bimodality_verdict_says_no_on_unimodal_nulls(null) -> None:
     """Unimodal samples of Figure 1's size are called bimodal at most 1 time in 20 (the dip test's level).
     The old ΔBIC+Sarle rule fails this on the uniform null, so this test tells the two rules apart."""
-    from replication.stats import bimodality
+    from replication.analysis.stats import bimodality
 
     draws = [bimodality(_skewed_and_flat_nulls(null, np.random.default_rng(seed))) for seed in range(20)]
     assert np.mean([d["bimodal"] for d in draws]) <= 0.05, null
@@ -262,7 +262,7 @@ def test_bimodality_verdict_says_no_on_unimodal_nulls(null) -> None:
 
 
 def test_bimodality_verdict_says_yes_on_two_modes() -> None:
-    from replication.stats import bimodality
+    from replication.analysis.stats import bimodality
 
     for seed in range(10):
         rng = np.random.default_rng(seed)
@@ -283,8 +283,8 @@ def _family_counts(rng: np.random.Generator, n_seeds: int = 9, n_latents: int = 
 def test_offset_verdict_says_no_when_latents_are_shared_independently() -> None:
     """The issue's null: each latent shared with each other seed independently (p = 0.34). The F-test
     calls the offset significant; the bootstrap/orphan verdict must not."""
-    from replication.stability import kseed_only_in_base, offset_evidence
-    from replication.stats import fit_power_law
+    from replication.analysis.stability import kseed_only_in_base, offset_evidence
+    from replication.analysis.stats import fit_power_law
 
     for seed in range(5):
         counts = _family_counts(np.random.default_rng(seed))
@@ -299,7 +299,7 @@ def test_offset_verdict_says_no_when_latents_are_shared_independently() -> None:
 
 
 def test_offset_verdict_says_yes_with_a_floor_of_persistent_orphans() -> None:
-    from replication.stability import offset_evidence
+    from replication.analysis.stability import offset_evidence
 
     counts = _family_counts(np.random.default_rng(1), p=0.7, orphan_floor=0.3)
     out = offset_evidence(counts, 9, n_boot=200)
@@ -309,7 +309,7 @@ def test_offset_verdict_says_yes_with_a_floor_of_persistent_orphans() -> None:
 
 def test_offset_interval_is_independent_of_the_fit_route() -> None:
     """The histogram route used for resampling equals the exact integer curve."""
-    from replication.stability import _curve_from_hist, kseed_only_in_base
+    from replication.analysis.stability import _curve_from_hist, kseed_only_in_base
 
     counts = _family_counts(np.random.default_rng(2))
     exact = kseed_only_in_base(counts, 9)

@@ -1,4 +1,4 @@
-"""Calibration of the statistics in `replication.stats` on nulls of the size we use them at."""
+"""Calibration of the statistics in `replication.analysis.stats` on nulls of the size we use them at."""
 from __future__ import annotations
 
 import itertools

@@ -1,4 +1,4 @@
-"""Principal angles, captured variance and the cross-seed subspace analysis (replication.subspaces)."""
+"""Principal angles, captured variance and the cross-seed subspace analysis (replication.studies.subspaces)."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from replication import subspaces
-from replication.sae import build_sae
+from replication.sae.architectures import build_sae
 
 
 def test_principal_angles_of_equal_orthogonal_and_tilted_subspaces():

@@ -60,7 +60,7 @@ def test_end_to_end_saes_recover_separated_features_and_group_subspaces(trained)
 
 def test_untrained_saes_fail_the_same_recovery_check(trained):
     """The end-to-end check can fail: freshly initialised SAEs recover nothing."""
-    from replication.sae import build_sae
+    from replication.sae.architectures import build_sae
 
     truth = trained[0]
     decoders = [build_sae("topk", 64, 96, k=8, seed=s).W_dec.detach().numpy() for s in (0, 1)]

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from replication.checkpoints import load_sae
 from replication.interrupts import Interrupted
-from replication.training import (
+from replication.sae.checkpoints import load_sae
+from replication.sae.training import (
     BatchStream,
     DataConfig,
     TrainConfig,

@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import paths
+from .. import paths
+from ..io import atomic_path, read_json, sha256_file, write_json_atomic
+from ..sae.directions import LatentDirections
 from .assignment import solve_assignment_detailed, top2
-from .directions import LatentDirections
-from .io import atomic_path, read_json, sha256_file, write_json_atomic
 
 METHOD_VERSION = "hungarian-sep-v1"
 DEFAULT_THRESHOLD = 0.7

@@ -293,8 +293,8 @@ class LocalChatModel:
                  dtype: str = "auto", batch_size: int = 16) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .devices import resolve_device, resolve_dtype
-        from .models import EMBEDDED_MODELS, convert_embedded
+        from ..devices import resolve_device, resolve_dtype
+        from ..lm.models import EMBEDDED_MODELS, convert_embedded
 
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device, "llm_dtype")

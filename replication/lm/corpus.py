@@ -30,8 +30,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from . import paths
-from .io import atomic_path, read_json, settings_key, sha256_file, write_json_atomic
+from .. import paths
+from ..io import atomic_path, read_json, settings_key, sha256_file, write_json_atomic
 
 Document = tuple[str, str]  # (document id, text)
 

@@ -21,9 +21,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .directions import LatentDirections
-from .matching import DEFAULT_THRESHOLD, DEFINITIONS, shared_masks
-from .stats import seed_bootstrap
+from ..analysis.matching import DEFAULT_THRESHOLD, DEFINITIONS, shared_masks
+from ..analysis.stats import seed_bootstrap
+from ..sae.directions import LatentDirections
 
 
 # ----------------------------------------------------------------------------------- overlap
@@ -79,7 +79,7 @@ def family_overlap(directions: Sequence[LatentDirections], threshold: float = DE
     resampled indices for every pair), so its interval reflects the finite number of latents.
     `extra` is stored as is in the summary (e.g. L0, FVU, the sweep value).
     """
-    from .stability import FamilyMatching
+    from ..analysis.stability import FamilyMatching
 
     if len(directions) < 2:
         raise ValueError(f"overlap needs at least 2 seeds, got {len(directions)}")
@@ -186,7 +186,7 @@ def sweep_overlaps(values: Sequence[Any], specs: Sequence[Any], threshold: float
     Specs that share a batch stream are trained in one pass (`experiments.seed_families`); each
     point's summary also records its mean held-out L0, FVU and dead fraction.
     """
-    from .experiments import seed_families
+    from ..experiments import seed_families
 
     if len(values) != len(specs):
         raise ValueError(f"{len(values)} sweep values but {len(specs)} family specs")
@@ -259,8 +259,8 @@ def d_model(spec: Any) -> int:
     Reading the config, not the activation cache, matters: a cache built only to learn its width
     would hold the spec's own hook set, which a sweep may never train on (a wasted forward pass).
     """
-    from .activations import parse_hook
-    from .models import model_config
+    from ..lm.activations import parse_hook
+    from ..lm.models import model_config
 
     parse_hook(spec.hook)  # the clear error for an unsupported hook
     return int(model_config(spec.model_name).d_model)
@@ -277,7 +277,7 @@ def match_sparsity(base: Any, architectures: Sequence[str], target_l0: float,
     tolerance. Every run is cached like any family, so the final family at the chosen coefficient
     reuses its first seed. Returns {arch: {"l1_coefficient", "l0", "within_tolerance", "history"}}.
     """
-    from .experiments import seed_families
+    from ..experiments import seed_families
 
     first = (base.seeds[0],)
     history: dict[str, list[tuple[float, float]]] = {a: [] for a in architectures}

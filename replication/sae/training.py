@@ -2,7 +2,7 @@
 
 The experimental control of the paper: SAEs that differ only in their seed must see the same
 batches in the same order. Here the seed drives **only** initialisation (a local
-`torch.Generator`, see `sae.py`); the batch stream is a pure function of `DataConfig`
+`torch.Generator`, see `architectures.py`); the batch stream is a pure function of `DataConfig`
 (`BatchStream`: a numpy `Generator` seeded with `(data_seed, epoch)` permutes the rows of the
 activation array, one fresh permutation per epoch). `train_saes` reads each batch once and
 steps every SAE of a family on it, and logs a hash per batch so that tests (and readers)
@@ -37,11 +37,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from ..devices import resolve_device, resolve_dtype, torch_dtype
+from ..interrupts import DeferredInterrupts
+from ..io import atomic_path, read_json, settings_key
+from .architectures import ARCHITECTURES, UNIT_NORM_DECODER, SAEBase, build_sae, iter_batches
 from .checkpoints import TRAINING_INFO, load_sae, save_sae
-from .devices import resolve_device, resolve_dtype, torch_dtype
-from .interrupts import DeferredInterrupts
-from .io import atomic_path, read_json, settings_key
-from .sae import ARCHITECTURES, UNIT_NORM_DECODER, SAEBase, build_sae, iter_batches
 
 PAPER_WARMUP_FRACTION = 1000 / 122_070
 """sparsify's 1000 warm-up steps over the paper's 8B tokens at 65,536 tokens per step (~122k steps)."""
@@ -67,7 +67,7 @@ class TrainConfig:
 
     lr None -> sparsify's `2e-4 / sqrt(n_latents / 2**14)`. Warm-up is `warmup_steps` if set,
     else `warmup_fraction` of the run (the paper: 1000 of ~122k steps). `l1_coefficient` is the
-    sparsity weight of the non-TopK architectures (see `sae._l1_weighted`; for JumpReLU it
+    sparsity weight of the non-TopK architectures (see `architectures._l1_weighted`; for JumpReLU it
     weighs the L0). `dead_window_tokens` None -> min(10M, a tenth of the run).
     `checkpoint_at_tokens` writes extra checkpoints during the run (training-length ablation).
     `d_in` None -> the activation width. `select_dtype` ("bfloat16") picks the TopK latents from a

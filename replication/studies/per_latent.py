@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .matching import DEFAULT_THRESHOLD, MatchResult
+from ..analysis.matching import DEFAULT_THRESHOLD, MatchResult
 
 METHODS: tuple[str, ...] = ("maxcos", "hungarian")
 WHICH: tuple[str, ...] = ("decoder", "both")

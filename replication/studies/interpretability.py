@@ -32,12 +32,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import paths
-from .activations import heldout_token_windows
-from .experiments import FinishedFamily
-from .io import atomic_path, read_json, settings_key, write_json_atomic
-from .sae import on_device
-from .stats import auc, balanced_accuracy, spearman_with_permutation
+from .. import paths
+from ..analysis.stats import auc, balanced_accuracy, spearman_with_permutation
+from ..experiments import FinishedFamily
+from ..io import atomic_path, read_json, settings_key, write_json_atomic
+from ..lm.activations import heldout_token_windows
+from ..sae.architectures import on_device
 
 INTERP_DIR_NAME = "interpretability"
 FORMAT_VERSION = 1
@@ -95,7 +95,7 @@ def load_tokenizer(model_name: str):
     """The tokenizer of an embedded model key or a hub name."""
     from transformers import AutoTokenizer
 
-    from .models import EMBEDDED_MODELS, convert_embedded
+    from ..lm.models import EMBEDDED_MODELS, convert_embedded
 
     if model_name in EMBEDDED_MODELS:
         return AutoTokenizer.from_pretrained(str(convert_embedded(model_name)))
@@ -377,7 +377,7 @@ def stratified_sample(groups: np.ndarray, n_per_group: int, eligible: np.ndarray
 
 def pair_alignment(a, b, partner: np.ndarray) -> np.ndarray:
     """Mean of decoder and encoder cosines between latent i of `a` and latent `partner[i]` of `b`."""
-    from .matching import unit_rows
+    from ..analysis.matching import unit_rows
 
     dec = (unit_rows(a.decoder) * unit_rows(b.decoder)[partner]).sum(1)
     enc = (unit_rows(a.encoder) * unit_rows(b.encoder)[partner]).sum(1)

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .directions import LatentDirections
+from ..sae.directions import LatentDirections
 from .matching import DEFAULT_THRESHOLD, DEFINITIONS, MatchResult, match, shared_masks
 from .stats import finite_or_none, fit_power_law
 

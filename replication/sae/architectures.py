@@ -39,9 +39,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .devices import torch_dtype
+from ..devices import torch_dtype
 from .directions import LatentDirections
-from .topk_kernels import TopKAutoencode, fired_from_topk, topk_loss_and_grads, topk_select
+from .kernels import TopKAutoencode, fired_from_topk, topk_loss_and_grads, topk_select
 
 ARCHITECTURES = ("topk", "relu", "gated", "jumprelu", "batchtopk")
 

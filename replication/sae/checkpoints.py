@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..io import atomic_path, read_json, sha256_file, write_json_atomic
+from .architectures import UNIT_NORM_DECODER, SAEBase, build_sae
 from .directions import LatentDirections
-from .io import atomic_path, read_json, sha256_file, write_json_atomic
-from .sae import UNIT_NORM_DECODER, SAEBase, build_sae
 
 SPARSIFY_CFG = "cfg.json"
 SPARSIFY_WEIGHTS = "sae.safetensors"

@@ -12,10 +12,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .directions import LatentDirections
-from .matching import cosine_matrix, match
-from .stability import random_directions_like
-from .stats import hierarchical_bootstrap
+from ..analysis.matching import cosine_matrix, match
+from ..analysis.stability import random_directions_like
+from ..analysis.stats import hierarchical_bootstrap
+from ..sae.directions import LatentDirections
 
 
 def matched_cosines(a: LatentDirections, b: LatentDirections, live_a: np.ndarray | None = None,

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from .matching import DEFAULT_THRESHOLD, match, shared_fractions
-from .stability import chance_shared_fractions
-from .stats import auc, permutation_test
+from ..analysis.matching import DEFAULT_THRESHOLD, match, shared_fractions
+from ..analysis.stability import chance_shared_fractions
+from ..analysis.stats import auc, permutation_test
 
 
 def control_specs(base, **overrides: Any):
@@ -108,7 +108,7 @@ class ControlResult:
 def run_control(base, threshold: float = DEFAULT_THRESHOLD, progress: bool = False, **overrides: Any) -> ControlResult:
     """Train (or load) the real and the random-model family of `base` (with `overrides`, see
     `control_specs`), and measure and compare their seed stability."""
-    from .experiments import seed_family
+    from ..experiments import seed_family
 
     spec_real, spec_random = control_specs(base, **overrides)
     real = seed_family(spec_real, progress=progress)

@@ -28,9 +28,9 @@ from typing import Any, Iterator
 
 import torch
 
-from . import paths
-from .devices import resolve_device, resolve_dtype
-from .io import atomic_path, write_json_atomic
+from .. import paths
+from ..devices import resolve_device, resolve_dtype
+from ..io import atomic_path, write_json_atomic
 
 log = logging.getLogger(__name__)
 

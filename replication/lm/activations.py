@@ -20,10 +20,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from . import paths
-from .devices import resolve_device, resolve_dtype
-from .interrupts import DeferredInterrupts
-from .io import read_json, settings_key, sha256_file, write_json_atomic
+from .. import paths
+from ..devices import resolve_device, resolve_dtype
+from ..interrupts import DeferredInterrupts
+from ..io import read_json, settings_key, sha256_file, write_json_atomic
 
 SITES = ("mlp_out", "resid_post", "resid_pre", "attn_out")
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_(\w+)$")

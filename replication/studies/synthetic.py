@@ -23,8 +23,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import paths
-from .io import settings_key
+from .. import paths
+from ..io import settings_key
 from .subspaces import principal_angle_cosines
 
 SYNTHETIC_DIR: Path = paths.DATA_DIR / "synthetic"
@@ -218,7 +218,7 @@ def train_synthetic_family(spec: SyntheticSpec, train: SyntheticTraining, cache:
                            progress: bool = False) -> tuple[GroundTruth, list, np.ndarray]:
     """Sample the data, train every seed on it (cached under `data/synthetic/<key>/`), return
     (ground truth, `TrainResult`s, held-out sample)."""
-    from .training import DataConfig, TrainConfig, learning_rate, train_saes
+    from ..sae.training import DataConfig, TrainConfig, learning_rate, train_saes
 
     truth = make_ground_truth(spec)
     x = sample(truth, train.n_samples, seed=train.sample_seed)

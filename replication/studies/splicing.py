@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .sae import SAEBase, iter_codes, on_device
+from ..sae.architectures import SAEBase, iter_codes, on_device
 
 
 # --------------------------------------------------------------------------- codes and masks

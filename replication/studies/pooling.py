@@ -25,8 +25,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .matching import DEFAULT_THRESHOLD, shared_masks
-from .sae import TopKSAE, build_sae
+from ..analysis.matching import DEFAULT_THRESHOLD, shared_masks
+from ..sae.architectures import TopKSAE, build_sae
 
 
 @dataclass
@@ -124,7 +124,7 @@ def fine_tune(sae: TopKSAE, activations: np.ndarray, n_tokens: int, *, batch_siz
               heldout: np.ndarray | None = None, device: str | torch.device | None = None) -> tuple[TopKSAE, dict[str, Any]]:
     """Continue training a copy of `sae` for `n_tokens` with the sparsify step (warm-up, linear
     decay, decoder renormalisation). Returns the tuned copy and its metrics (held-out FVU, L0, dead)."""
-    from . import training
+    from ..sae import training
 
     if n_tokens < batch_size:
         raise ValueError(f"n_tokens ({n_tokens}) must be at least one batch ({batch_size})")
@@ -141,7 +141,7 @@ def stability_against(sae, others: Sequence, threshold: float = DEFAULT_THRESHOL
                       definition: str = "threshold") -> dict[str, Any]:
     """Match `sae` with each SAE in `others` (not cached): shared fraction per other, and the
     fraction of latents shared with at least one / with all of them."""
-    from .matching import match
+    from ..analysis.matching import match
 
     dirs = sae.latent_directions(name="candidate")
     masks = np.stack([shared_masks(match(dirs, o.latent_directions(name="other"), cache=False), threshold)[definition]
@@ -161,9 +161,10 @@ def pooling_experiment(family, n_eval_seeds: int, min_shared: int, fills: Sequen
     gets held-out FVU, dead fraction and `stability_against` the evaluation seeds. Fine-tuned
     SAEs are cached under `data/pooling/<key>/` (settings + source SAE hashes).
     """
-    from . import paths, training
-    from .checkpoints import load_sae, save_sae
-    from .io import settings_key
+    from .. import paths
+    from ..io import settings_key
+    from ..sae import training
+    from ..sae.checkpoints import load_sae, save_sae
 
     n = len(family.spec.seeds)
     if not 1 <= n_eval_seeds <= n - 2:

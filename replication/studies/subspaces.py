@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .sae import iter_codes, on_device
+from ..sae.architectures import iter_codes, on_device
 
 
 # --------------------------------------------------------------------------- basic geometry

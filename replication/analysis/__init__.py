@@ -1,0 +1,2 @@
+"""Matching and its statistics: the exact assignment solver, SAE latent matching, seed stability, and
+the statistics every figure uses."""

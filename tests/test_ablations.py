@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from replication import ablations
+from replication import ablations, claims
 from replication.experiments import FamilySpec
 from replication.sae.directions import LatentDirections
 
@@ -63,18 +63,18 @@ def test_compare_and_effect_rows(tmp_data):
     assert low.mean() == pytest.approx(8 / 64) and high.mean() == pytest.approx(48 / 64)
     up = ablations.compare_overlaps(low, high)
     assert up["difference"] == pytest.approx(40 / 64) and up["excludes_zero"] and up["ci95"][0] > 0
-    assert ablations.effect_row("c", "p", up, +1)["holds"] == "yes"
-    assert ablations.effect_row("c", "p", up, -1)["holds"] == "opposite"
+    assert claims.effect_row("c", "p", up, +1)["holds"] == "yes"
+    assert claims.effect_row("c", "p", up, -1)["holds"] == "opposite"
     same = ablations.compare_overlaps(low, low)
-    assert ablations.effect_row("c", "p", same, +1)["holds"].startswith("not resolved")
-    assert ablations.effect_row("c", "p", up, 0)["holds"] == "no paper direction: resolved"
+    assert claims.effect_row("c", "p", same, +1)["holds"].startswith("not resolved")
+    assert claims.effect_row("c", "p", up, 0)["holds"] == "no paper direction: resolved"
     with pytest.raises(ValueError, match="expected_sign"):
-        ablations.effect_row("c", "p", up, 2)
+        claims.effect_row("c", "p", up, 2)
     grouped = ablations.compare_overlaps([low, low], [high, low])
     assert grouped["difference"] == pytest.approx(20 / 64)
     tr = ablations.trend([1, 2, 3], [low, high, high])
     assert tr["spearman_rho"] > 0 and tr["first_to_last"]["difference"] == pytest.approx(40 / 64)
-    assert "Spearman" in ablations.effect_row("c", "p", tr, +1)["ours"]
+    assert "Spearman" in claims.effect_row("c", "p", tr, +1)["ours"]
 
 
 def test_next_coefficient_interpolates_a_power_law():
@@ -102,3 +102,13 @@ def test_sweep_specs_and_sparsity_spec():
         ablations.sweep_specs(base, "width", [1])
     relu = ablations.sparsity_spec(base, "relu", 0.3, seeds=(0,))
     assert relu.architecture == "relu" and relu.k is None and relu.l1_coefficient == 0.3 and relu.seeds == (0,)
+
+
+def test_claims_table_checks_rows_and_orders_columns():
+    rows = [{"ours": "0.3", "claim": "c", "holds": True, "paper": "0.4", "scorer": "rule"}]
+    frame = claims.table(rows)
+    assert list(frame.columns) == ["claim", "paper", "ours", "holds", "scorer"]
+    with pytest.raises(ValueError, match=r"missing \['holds'\]"):
+        claims.table([{"claim": "c", "ours": "x"}])
+    with pytest.raises(ValueError, match="bool or a phrase"):
+        claims.table([{"claim": "c", "ours": "x", "holds": None}])

@@ -147,26 +147,6 @@ def compare_overlaps(a: Overlap | Sequence[Overlap], b: Overlap | Sequence[Overl
             "excludes_zero": bool(lo > 0 or hi < 0)}
 
 
-def effect_row(claim: str, paper: str, effect: Mapping[str, Any], expected_sign: int, what: str = "") -> dict[str, Any]:
-    """One row of a notebook's "does it hold" table: the paper's direction, ours with its
-    interval, and whether it holds (same sign and the 95% interval excludes zero).
-    `expected_sign=0` marks a comparison the paper states no direction for: it is reported,
-    never scored as holding or failing."""
-    if expected_sign not in (-1, 0, 1):
-        raise ValueError(f"expected_sign must be -1, 0 or +1, got {expected_sign!r}")
-    diff = effect["difference"] if "difference" in effect else effect["first_to_last"]["difference"]
-    lo, hi = effect["ci95"] if "ci95" in effect else effect["first_to_last"]["ci95"]
-    significant = lo > 0 or hi < 0
-    holds = bool(significant and np.sign(diff) == expected_sign)
-    verdict = "yes" if holds else ("opposite" if significant else "not resolved (interval includes 0)")
-    if expected_sign == 0:
-        verdict = "no paper direction: " + ("resolved" if significant else "interval includes 0")
-    ours = f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}]"
-    if "spearman_rho" in effect and effect["spearman_rho"] is not None:
-        ours += f", Spearman {effect['spearman_rho']:+.2f}"
-    return {"claim": claim, "paper": paper, "ours": (what + " " if what else "") + ours, "holds": verdict}
-
-
 def trend(values: Sequence[float], overlaps: Sequence[Overlap], definition: str = "threshold") -> dict[str, Any]:
     """Direction of a sweep: Spearman rank correlation of the means with the swept value, and
     the change from the first to the last point with its interval."""

@@ -1,0 +1,50 @@
+"""The "does it hold here?" table every notebook ends with: one helper builds it from claim rows.
+
+Each row names the claim, what the reference says (`paper`, or `study` for the companion studies),
+our number with its interval (`ours`), and the verdict (`holds`: a bool, or a phrase where the
+comparison is not a yes/no, e.g. "scale differs"). `effect_row` writes the row of an interval-based
+comparison (Figures 4 and 5); `table` checks every row and returns the DataFrame.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+REFERENCES = ("paper", "study")
+
+
+def effect_row(claim: str, paper: str, effect: Mapping[str, Any], expected_sign: int, what: str = "") -> dict[str, Any]:
+    """One row of a notebook's "does it hold" table: the paper's direction, ours with its
+    interval, and whether it holds (same sign and the 95% interval excludes zero).
+    `expected_sign=0` marks a comparison the paper states no direction for: it is reported,
+    never scored as holding or failing."""
+    if expected_sign not in (-1, 0, 1):
+        raise ValueError(f"expected_sign must be -1, 0 or +1, got {expected_sign!r}")
+    diff = effect["difference"] if "difference" in effect else effect["first_to_last"]["difference"]
+    lo, hi = effect["ci95"] if "ci95" in effect else effect["first_to_last"]["ci95"]
+    significant = lo > 0 or hi < 0
+    holds = bool(significant and np.sign(diff) == expected_sign)
+    verdict = "yes" if holds else ("opposite" if significant else "not resolved (interval includes 0)")
+    if expected_sign == 0:
+        verdict = "no paper direction: " + ("resolved" if significant else "interval includes 0")
+    ours = f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+    if "spearman_rho" in effect and effect["spearman_rho"] is not None:
+        ours += f", Spearman {effect['spearman_rho']:+.2f}"
+    return {"claim": claim, "paper": paper, "ours": (what + " " if what else "") + ours, "holds": verdict}
+
+
+def table(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """The claims table: every row has `claim`, `ours` and `holds`, and usually the reference's value
+    (`paper` or `study`; Figure 6 puts it in the claim text); extra columns, e.g. `scorer`, are kept.
+    A malformed row is a clear error, not a silent gap."""
+    for i, row in enumerate(rows):
+        missing = [k for k in ("claim", "ours", "holds") if k not in row]
+        if missing:
+            raise ValueError(f"claim row {i} ({row.get('claim', '?')!r}) is missing {missing}")
+        if not isinstance(row["holds"], (bool, np.bool_, str)):
+            raise ValueError(f"claim row {i}: holds must be a bool or a phrase, got {type(row['holds']).__name__}")
+    frame = pd.DataFrame(list(rows))
+    first = ["claim", *[r for r in REFERENCES if r in frame], "ours", "holds"]
+    return frame[first + [c for c in frame.columns if c not in first]]

@@ -78,6 +78,11 @@ def test_fig1_fractions_and_definitions():
     for name, (lo, hi) in n["shared_fraction_ci95"].items():
         assert lo <= fr[name] <= hi
     assert -1.0 <= n["mean_cos_disagree"] <= 1.0 and -1.0 <= n["mean_cos_agree"] <= 1.0
+    # PW-MCC (Song et al.) of the family, its seed-level interval, and the untrained floor below it
+    pw, floor = n["pw_mcc"], n["pw_mcc_untrained"]
+    assert pw["ci95_seed"][0] <= pw["estimate"] <= pw["ci95_seed"][1] and pw["n_pairs"] == len(family_params()["seeds"]) * (
+        len(family_params()["seeds"]) - 1) // 2
+    assert 0 < floor["estimate"] < pw["estimate"]
 
 
 def test_fig2_kseed_curve_is_exact_shape():

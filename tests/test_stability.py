@@ -315,3 +315,21 @@ def test_offset_interval_is_independent_of_the_fit_route() -> None:
     exact = kseed_only_in_base(counts, 9)
     hist = np.bincount(counts.ravel(), minlength=9).astype(float)
     np.testing.assert_allclose(_curve_from_hist(hist, 9, list(exact)), list(exact.values()), rtol=1e-12)
+
+
+def test_pw_mcc_is_the_pair_mean_of_matched_decoder_cosines_and_untrained_sits_below_trained() -> None:
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((48, 16)).astype(np.float32)
+    seeds = [LatentDirections(base + 0.3 * rng.standard_normal(base.shape).astype(np.float32),
+                              base + 0.3 * rng.standard_normal(base.shape).astype(np.float32), name=f"s{i}")
+             for i in range(4)]
+    fm = S.FamilyMatching(seeds, cache=False, progress=False)
+    out = fm.pw_mcc(n_boot=200)
+    expected = np.mean([fm.result(i, j).dec_cos.mean() for i in range(4) for j in range(i + 1, 4)])
+    assert out["estimate"] == pytest.approx(expected, abs=1e-6)
+    lo, hi = out["ci95_seed"]
+    assert lo <= out["estimate"] <= hi and out["n_pairs"] == 6
+    floor = S.untrained_pw_mcc("topk", 16, 48, 4, seeds=(0, 1, 2), n_boot=200)
+    assert 0 < floor["estimate"] < out["estimate"]
+    same = S.FamilyMatching([seeds[0], seeds[0]], cache=False, progress=False).pw_mcc(n_boot=50)
+    assert same["estimate"] == pytest.approx(1.0, abs=1e-6)

@@ -22,7 +22,7 @@ import pandas as pd
 
 from ..sae.directions import LatentDirections
 from .matching import DEFAULT_THRESHOLD, DEFINITIONS, MatchResult, match, shared_masks
-from .stats import finite_or_none, fit_power_law
+from .stats import finite_or_none, fit_power_law, seed_bootstrap
 
 
 # --------------------------------------------------------------------------- families
@@ -98,6 +98,15 @@ class FamilyMatching:
                     ks: Sequence[int] | None = None) -> dict[int, float]:
         """Exact Figure-2 curve: fraction of latents only in the base SAE for k seeds."""
         return kseed_only_in_base(self.shared_counts(definition, threshold), self.n_seeds, ks)
+
+    def pw_mcc(self, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+        """Song et al.'s PW-MCC: the mean Hungarian-matched decoder cosine, averaged over seed pairs, with
+        the hierarchical seed-level interval (`stats.seed_bootstrap`: seeds, then latents)."""
+        pairs = list(itertools.combinations(range(self.n_seeds), 2))
+        values = np.stack([np.asarray(self._results[p].dec_cos, np.float64) for p in pairs])
+        out = seed_bootstrap(values, pairs, self.n_seeds, n_boot=n_boot, seed=seed)
+        return {"estimate": out["estimate"], "ci95_seed": [out["low"], out["high"]], "n_seeds": self.n_seeds,
+                "n_pairs": len(pairs), "n_latents": self.n_latents}
 
     def pair_table(self, threshold: float = DEFAULT_THRESHOLD) -> pd.DataFrame:
         """One row per ordered pair (base, other): shared fraction per definition."""
@@ -340,5 +349,13 @@ def threshold_sweep(results: "MatchResult | Sequence[MatchResult]",
     return pd.concat(frames, ignore_index=True)
 
 
+def untrained_pw_mcc(architecture: str, d_in: int, n_latents: int, k: int | None, seeds: Sequence[int],
+                     n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """PW-MCC of SAEs of this shape at their seeded initialisation (no training): the floor a trained
+    family's PW-MCC must be read against (random decoder directions already match at a positive cosine)."""
+    from ..sae.architectures import build_sae
 
-
+    saes = [build_sae(architecture, d_in, n_latents, k=k, seed=s) for s in seeds]
+    fm = FamilyMatching([sae.latent_directions(name=f"untrained-seed{s}") for sae, s in zip(saes, seeds)], cache=False,
+                        progress=False)
+    return fm.pw_mcc(n_boot=n_boot, seed=seed)

@@ -101,7 +101,9 @@ class ControlResult:
                    **{key: s[key] for key in SUMMARY_KEYS}}
             for name, s in self.stability.items()}
         out.update(separation=self.separation, cross_model_shared_fraction=self.cross_model_shared,
-                   family_real=self.real.summary(), family_random=self.random.summary())
+                   family_real=self.real.summary(), family_random=self.random.summary(),
+                   # Song et al.'s PW-MCC of both families: the random-model family is its baseline
+                   pw_mcc={"real": self.real.matching.pw_mcc(), "random_model": self.random.matching.pw_mcc()})
         return out
 
 

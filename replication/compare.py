@@ -545,10 +545,10 @@ def example_report(family_dir: Path | str, out_dir: Path | str, seeds: Sequence[
 
     The exported folders go to `export_dir` (default: a temporary folder, removed afterwards).
     """
-    from .sae.checkpoints import export_sae
+    from .sae.checkpoints import export_sae, seed_dir
 
     family_dir = Path(family_dir)
-    folders = [family_dir / f"seed{s}" for s in seeds]
+    folders = [seed_dir(family_dir, s) for s in seeds]
     missing = [str(f) for f in folders if not f.exists()]
     if missing:
         raise FileNotFoundError(f"no trained checkpoint at {', '.join(missing)} (train the family first)")

@@ -14,11 +14,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import pandas as pd
+import yaml
 
 from . import paths
 from .devices import resolve_device, resolved_dtypes
 from .io import settings_key
 from .lm.activations import ActivationCache, ActivationSettings, build_activation_cache
+from .sae.checkpoints import seed_dir
 from .sae.directions import LatentDirections
 
 
@@ -97,7 +100,6 @@ class FamilySpec:
     def from_profile(cls, profile: str = "default", **overrides: Any) -> "FamilySpec":
         """The family of `notebooks/params/family/<profile>.yaml`, the one home of the family settings,
         with `overrides` on top (a notebook passes its papermill overrides, e.g. `-p n_latents 512`)."""
-        import yaml
 
         path = paths.family_params_file(profile)
         if not path.exists():
@@ -157,7 +159,6 @@ class SeedFamily:
 
     def training_table(self):
         """One row per seed: FVU, L0, dead fraction, tokens, wall time, tokens/s."""
-        import pandas as pd
 
         rows = []
         for seed, res in zip(self.spec.seeds, self.results):
@@ -246,7 +247,7 @@ def seed_families(specs: Sequence[FamilySpec], progress: bool = True, model=None
             root = family_dir(specs[i])
             for cfg, seed in zip(_train_configs(specs[i]), specs[i].seeds):
                 configs.append(cfg)
-                out_dirs.append(root / f"seed{seed}")
+                out_dirs.append(seed_dir(root, seed))
                 owner.append(i)
         start = time.time()
         heldout = cache.heldout(hook)

@@ -188,3 +188,19 @@ def test_bf16_selection_keeps_exact_values_and_gradients() -> None:
     torch.testing.assert_close(low["fvu"], exact["fvu"], rtol=1e-12, atol=0)
     for name, g in _grads(sae).items():
         torch.testing.assert_close(g, ref[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_decoder_gradient_projection_removes_exactly_the_parallel_part() -> None:
+    """sparsify's step keeps unit-norm decoder rows by removing each row's gradient component along the row:
+    afterwards grad . W_dec[n] = 0 for every row, and the perpendicular part is untouched (checked against
+    the projection written out in float64)."""
+    torch.manual_seed(0)
+    sae = build_sae("topk", 12, 20, k=3, seed=0)
+    g = torch.randn(20, 12)
+    sae.W_dec.grad = g.clone()
+    sae.remove_gradient_parallel_to_decoder_directions()
+    w, g64 = sae.W_dec.detach().double(), g.double()
+    expected = g64 - (g64 * w).sum(1, keepdim=True) * w          # rows of W_dec are unit norm
+    torch.testing.assert_close(sae.W_dec.grad.double(), expected, atol=1e-6, rtol=1e-6)
+    assert (sae.W_dec.grad.double() * w).sum(1).abs().max() < 1e-5
+    assert torch.allclose(w.norm(dim=1), torch.ones(20, dtype=torch.float64), atol=1e-6)

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 _MAX_ROUNDS = 6               # reduction rounds before handing the rest to lapjv
 _MIN_ROUND_GAIN = 0.005       # stop the reduction when a round fixes < 0.5 % of the rest
@@ -258,7 +259,6 @@ def _solve_min_certified(c: np.ndarray, info: dict[str, Any]) -> np.ndarray:
 
 
 def _scipy_min(c: np.ndarray, info: dict[str, Any]) -> np.ndarray:
-    from scipy.optimize import linear_sum_assignment
 
     t0 = time.perf_counter()
     r, col = linear_sum_assignment(c)
@@ -301,7 +301,6 @@ def solve_assignment_detailed(C: np.ndarray, method: str = "auto", overwrite: bo
     if n == 0:
         return AssignmentResult(np.zeros(0, np.int64), np.zeros(0, np.float32), 0.0, info)
     if method == "scipy":
-        from scipy.optimize import linear_sum_assignment
 
         if not (np.isfinite(C.max()) and np.isfinite(C.min())):
             raise ValueError("cost matrix contains NaN or infinite entries")

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from ..sae.directions import LatentDirections
 from .matching import DEFAULT_THRESHOLD, DEFINITIONS, MatchResult, match, shared_masks
@@ -44,7 +45,6 @@ class FamilyMatching:
         pairs = list(itertools.combinations(range(self.n_seeds), 2))
         it: Iterable[tuple[int, int]] = pairs
         if progress:
-            from tqdm.auto import tqdm
 
             it = tqdm(pairs, desc="matching seed pairs", unit="pair")
         self._results: dict[tuple[int, int], MatchResult] = {}

@@ -15,6 +15,7 @@ import math
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from scipy.stats import rankdata
 
 POWER_LAW_P0 = (0.72, -0.35, 0.0)  # the authors' initial guess
 
@@ -144,7 +145,6 @@ def permutation_test(x: np.ndarray, y: np.ndarray, n_perm: int = 1000, seed: int
 
 def spearman_with_permutation(x: np.ndarray, y: np.ndarray, n_perm: int = 2000, seed: int = 0) -> dict[str, float]:
     """Spearman rho of x and y and a two-sided permutation p-value (NaNs dropped)."""
-    from scipy.stats import rankdata
 
     x, y = np.asarray(x, float), np.asarray(y, float)
     ok = np.isfinite(x) & np.isfinite(y)
@@ -164,7 +164,6 @@ def auc(x: np.ndarray, y: np.ndarray) -> float:
     x, y = np.asarray(x, np.float64).ravel(), np.asarray(y, np.float64).ravel()
     if x.size == 0 or y.size == 0:
         raise ValueError("both samples must be non-empty")
-    from scipy.stats import rankdata
 
     ranks = rankdata(np.concatenate([x, y]))
     return float((ranks[:x.size].sum() - x.size * (x.size + 1) / 2) / (x.size * y.size))

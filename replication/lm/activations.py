@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from .. import paths
 from ..devices import resolve_device, resolve_dtype
@@ -231,7 +233,6 @@ def build_activation_cache(
     (tests raise KeyboardInterrupt from it). `settings.model_dtype` "auto" is resolved for `device`
     first (`devices.resolve_dtype`), and the resolved dtype names the folder and the manifest.
     """
-    from tqdm.auto import tqdm
 
     from .corpus import DEFAULT_SOURCES, build_corpus
     from .models import load_model
@@ -379,7 +380,6 @@ def build_activation_cache(
 def activation_norms(model, tokens: np.ndarray, sites: Sequence[str] = ("mlp_out", "resid_post"), seq_len: int = 256,
                      n_seqs: int = 8, skip_positions: int = 1) -> "pandas.DataFrame":  # noqa: F821
     """Mean and max L2 norm of each layer's activations at each site, on a few windows of text."""
-    import pandas as pd
 
     windows = _sequences(tokens, seq_len, n_seqs * (seq_len - skip_positions), skip_positions)
     device = next(model.parameters()).device

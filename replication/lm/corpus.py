@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .. import paths
 from ..io import atomic_path, read_json, settings_key, sha256_file, write_json_atomic
@@ -233,7 +234,6 @@ def build_corpus(
     `caps` overrides per-source token caps. Missing sources are skipped with a warning
     (or raise if `strict`). Rebuilding with the same settings reuses the cache.
     """
-    from tqdm.auto import tqdm
 
     unknown = [s for s in sources if s not in SOURCES]
     if unknown:

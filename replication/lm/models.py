@@ -19,6 +19,7 @@ centring), so hook activations equal those of the original model.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import shutil
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from tqdm.auto import tqdm
 
 from .. import paths
 from ..devices import resolve_device, resolve_dtype
@@ -86,7 +88,6 @@ def find_gguf(model: EmbeddedModel) -> Path:
     if found:
         return found[0]
     # some packages ship the GGUF in chunk packages plus an `assemble(output_path)` helper
-    import importlib
 
     assemble = getattr(importlib.import_module(model.package), "assemble", None)
     if assemble is None:
@@ -332,7 +333,6 @@ def model_card(model) -> dict[str, Any]:
 def next_token_loss(model, tokens, seq_len: int = 256, n_seqs: int = 32, batch_seqs: int = 8, progress: bool = False) -> float:
     """Mean next-token cross-entropy (nats/token) on `n_seqs` contiguous windows of a token stream."""
     import numpy as np
-    from tqdm.auto import tqdm
 
     n_seqs = min(n_seqs, len(tokens) // seq_len)
     if n_seqs == 0:
@@ -350,14 +350,14 @@ def next_token_loss(model, tokens, seq_len: int = 256, n_seqs: int = 32, batch_s
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m replication.models KEY [KEY ...]`: convert embedded models ahead of time.
+    """`python -m replication.lm.models KEY [KEY ...]`: convert embedded models ahead of time.
 
     `make test` runs it for Gemma in the background while the first notebooks execute; the file
     lock in `convert_embedded` makes a notebook that needs the model meanwhile wait for it.
     """
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m replication.models", description=main.__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m replication.lm.models", description=main.__doc__.splitlines()[0])
     parser.add_argument("keys", nargs="+", choices=sorted(EMBEDDED_MODELS), help="embedded model keys")
     for key in parser.parse_args(argv).keys:
         print(f"{key}: {convert_embedded(key)}")

@@ -22,6 +22,7 @@ folded into the weights (`fold_input_scale`), because both libraries drop that k
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 import warnings
@@ -56,9 +57,15 @@ _LAYOUT_HELP = (
 # ----------------------------------------------------------------------------------------------
 # writing
 # ----------------------------------------------------------------------------------------------
+def seed_dir(family_root: Path | str, seed: int) -> Path:
+    """A family's run folder for one seed: `<family_root>/seed<seed>/` (sparsify's run dir; intermediate
+    checkpoints and the resume state live there too)."""
+    return Path(family_root) / f"seed{seed}"
+
+
 def seed_folder(family_root: Path | str, seed: int, hook: str) -> Path:
     """Where a family's seed keeps its final checkpoint: `<family_root>/seed<seed>/<hook>/` (the sparsify layout)."""
-    return Path(family_root) / f"seed{seed}" / hook
+    return seed_dir(family_root, seed) / hook
 
 
 def is_finished(folder: Path | str) -> bool:
@@ -507,7 +514,6 @@ def fold_input_scale(sae: SAEBase) -> SAEBase:
     divided by `s` -- the same top-k indices -- and a reconstruction of `x` itself, while the decoder
     rows keep their (unit) norms. FVU is unchanged.
     """
-    import copy
 
     out = copy.deepcopy(sae)
     s = float(sae.input_scale)

@@ -5,6 +5,7 @@ one row per latent (`[n_latents, d_in]`). Readers in `checkpoints` return this t
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +39,6 @@ class LatentDirections:
                 f"encoder and decoder directions differ in shape: {self.encoder.shape} vs {self.decoder.shape}"
             )
         if not self.content_hash:
-            import hashlib
 
             digest = hashlib.sha256()
             digest.update(np.ascontiguousarray(self.encoder).tobytes())

@@ -36,6 +36,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..devices import resolve_device, resolve_dtype, torch_dtype
 from ..interrupts import DeferredInterrupts
@@ -598,7 +599,6 @@ def _load_finished(out_dir: Path, cfg: TrainConfig, data: DataConfig, key: str) 
 def _run_family(acts: np.ndarray, members: list[_Member], data: DataConfig, total_steps: int,
                 heldout: np.ndarray | None, max_steps: int | None, save_every_steps: int | None,
                 save_every_seconds: float | None, callback: Callable[[int], None] | None, progress: bool) -> None:
-    from tqdm.auto import tqdm
 
     stream = BatchStream(acts.shape[0], data.batch_size, data.data_seed)
     start = min(m.step for m in members)

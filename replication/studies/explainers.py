@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -257,7 +258,6 @@ def score_messages(explanation: str, pieces: Sequence[str]) -> list[dict[str, st
 
 def clean_explanation(text: str, max_chars: int = 200) -> str:
     """First non-empty line of a generated answer, without markup brackets, trimmed."""
-    import re
 
     lines = [l.strip() for l in text.replace("<<", "").replace(">>", "").strip().splitlines() if l.strip()]
     out = lines[0] if lines else ""

@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from .. import paths
 from ..analysis.stats import auc, balanced_accuracy, spearman_with_permutation
@@ -306,7 +307,6 @@ def score_latents(sae, sae_hash: str, activations: np.ndarray, contexts: Heldout
     contexts are too few get NaN scores (`status` says why). Finished rows are cached per
     (SAE, settings, explainer, scorer) and reused.
     """
-    from tqdm.auto import tqdm
 
     latents = [int(l) for l in latents]
     bad = [l for l in latents if not 0 <= l < sae.n_latents]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 from ..analysis.matching import cosine_matrix, match
 from ..analysis.stability import random_directions_like
@@ -23,7 +24,6 @@ def matched_cosines(a: LatentDirections, b: LatentDirections, live_a: np.ndarray
     """Hungarian-matched cosines of `a`'s latents in `b` (float64 [n_matched]), optionally restricted
     to live latents on both sides before matching (the report's live-only variant; the smaller side
     is matched completely)."""
-    from scipy.optimize import linear_sum_assignment
 
     if which not in ("decoder", "encoder"):
         raise ValueError(f"`which` must be 'decoder' or 'encoder', got {which!r}")

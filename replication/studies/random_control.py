@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from ..analysis.matching import DEFAULT_THRESHOLD, match, shared_fractions
 from ..analysis.stability import chance_shared_fractions
@@ -89,7 +90,6 @@ class ControlResult:
 
     def table(self):
         """One column per family, one row per `SUMMARY_KEYS` entry."""
-        import pandas as pd
 
         return pd.DataFrame({name: {key: s[key] for key in SUMMARY_KEYS} for name, s in self.stability.items()})
 

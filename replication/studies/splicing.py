@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from ..sae.architectures import SAEBase, iter_codes, on_device
 
@@ -173,7 +175,6 @@ def spliced_losses(model: Any, sae: SAEBase, hook: str, windows: np.ndarray, mas
 
     The residual stream entering the hook's block is computed once per batch; each condition reruns
     only the blocks from there on (`start_at_layer`)."""
-    from tqdm.auto import tqdm
 
     windows = np.asarray(windows, np.int64)
     if windows.ndim != 2 or windows.shape[1] < 2:
@@ -264,7 +265,6 @@ class AsymmetryResult:
 
     def table(self):
         """One row per condition (and clean / zero model): latents removed, FVU, CE and their deltas."""
-        import pandas as pd
 
         rows = self.names + ["clean", "zero"]
         masked = self.mask_info["masked"]

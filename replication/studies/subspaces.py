@@ -23,6 +23,7 @@ import itertools
 from typing import Any, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 
 from ..sae.architectures import iter_codes, on_device
@@ -224,7 +225,6 @@ def cross_seed_capture(unstable: Sequence[np.ndarray], ranks: Sequence[int], *, 
 
 def capture_table(result: dict[str, Any]):
     """One row per rank: mean (and std over pairs / seeds) of every capture measure."""
-    import pandas as pd
 
     def off(m: np.ndarray) -> np.ndarray:
         return m[~np.eye(m.shape[0], dtype=bool)]

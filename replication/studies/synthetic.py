@@ -25,6 +25,7 @@ import numpy as np
 
 from .. import paths
 from ..io import settings_key
+from ..sae.checkpoints import seed_dir
 from .subspaces import principal_angle_cosines
 
 SYNTHETIC_DIR: Path = paths.DATA_DIR / "synthetic"
@@ -232,7 +233,7 @@ def train_synthetic_family(spec: SyntheticSpec, train: SyntheticTraining, cache:
     if cache:
         key_settings = {"spec": asdict(spec), "train": {k: v for k, v in asdict(train).items() if k not in ("seeds", "device")}}
         root = SYNTHETIC_DIR / f"synthetic-{settings_key(key_settings)}"
-        out_dirs = [root / f"seed{s}" for s in train.seeds]
+        out_dirs = [seed_dir(root, s) for s in train.seeds]
     results = train_saes(x, configs, data, out_dirs=out_dirs, heldout=heldout, progress=progress)
     return truth, results, heldout
 

@@ -147,7 +147,7 @@ def test_fig2_at_two_seeds_is_one_minus_the_mean_pairwise_shared_fraction():
     n = numbers("02_fig2_kseed_decay")
     family = _smoke_family("02_fig2_kseed_decay")
     fm = family.matching
-    for definition in ("threshold", "agree", "decoder"):
+    for definition in n["curves"]:
         fractions = [matching.shared_fractions(fm.result(i, j), 0.7)[definition]
                      for i in range(fm.n_seeds) for j in range(fm.n_seeds) if i != j]
         assert n["curves"][definition]["2"] == pytest.approx(1 - np.mean(fractions), abs=1e-12), definition

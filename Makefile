@@ -43,10 +43,10 @@ venv: $(INSTALLED)  ## create .venv and install the project and its pinned depen
 $(INSTALLED): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	@# --no-compile: byte-compiling every installed module (torch, transformers, ...) took ~40 s of a fresh
-	@# install; Python compiles the modules actually imported on first use instead.
-	$(PY) -m pip install -q --no-compile -e '.[clients]'   # + eai-sparsify and sae-lens, for tests/test_clients.py (the real clients)
-	$(PY) -m pip install -q --no-compile --no-deps $(EMBEDDED)
+	@# Byte-compiled at install (pip's default): where PYTHONDONTWRITEBYTECODE is set (this workplace, many CI
+	@# images) nothing is cached later, and --no-compile made every notebook kernel recompile torch and pandas.
+	$(PY) -m pip install -q -e '.[clients]'   # + eai-sparsify and sae-lens, for tests/test_clients.py (the real clients)
+	$(PY) -m pip install -q --no-deps $(EMBEDDED)
 	@touch $@
 
 corpus-sources:  ## install the Debian packages of the larger corpus (root + apt only; skipped otherwise)

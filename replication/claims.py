@@ -22,14 +22,15 @@ def effect_row(claim: str, paper: str, effect: Mapping[str, Any], expected_sign:
     never scored as holding or failing."""
     if expected_sign not in (-1, 0, 1):
         raise ValueError(f"expected_sign must be -1, 0 or +1, got {expected_sign!r}")
-    diff = effect["difference"] if "difference" in effect else effect["first_to_last"]["difference"]
-    lo, hi = effect["ci95"] if "ci95" in effect else effect["first_to_last"]["ci95"]
+    ends = effect if "difference" in effect else effect["first_to_last"]
+    diff = ends["difference"]
+    lo, hi = ends.get("ci95_seed", ends["ci95"])    # seed-level when recorded: seeds, then latents
     significant = lo > 0 or hi < 0
     holds = bool(significant and np.sign(diff) == expected_sign)
     verdict = "yes" if holds else ("opposite" if significant else "not resolved (interval includes 0)")
     if expected_sign == 0:
         verdict = "no paper direction: " + ("resolved" if significant else "interval includes 0")
-    ours = f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+    ours = f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}]" + (" (seeds and latents resampled)" if "ci95_seed" in ends else "")
     if "spearman_rho" in effect and effect["spearman_rho"] is not None:
         ours += f", Spearman {effect['spearman_rho']:+.2f}"
     return {"claim": claim, "paper": paper, "ours": (what + " " if what else "") + ours, "holds": verdict}

@@ -112,3 +112,32 @@ def test_claims_table_checks_rows_and_orders_columns():
         claims.table([{"claim": "c", "ours": "x"}])
     with pytest.raises(ValueError, match="bool or a phrase"):
         claims.table([{"claim": "c", "ours": "x", "holds": None}])
+
+
+def _planted_overlap(rng: np.random.Generator, mu: float, tau: float, n_seeds: int = 4, n_latents: int = 1024):
+    """An Overlap whose seed pairs share latents at mu + u_i + u_j (seed effects u ~ N(0, tau))."""
+    import itertools
+
+    from replication import stats
+
+    u = rng.normal(0.0, tau, n_seeds)
+    pairs = list(itertools.combinations(range(n_seeds), 2))
+    masks = rng.random((len(pairs), n_latents)) < np.clip([mu + u[i] + u[j] for i, j in pairs], 0.01, 0.99)[:, None]
+    idx = rng.integers(0, n_latents, size=(500, n_latents))
+    return ablations.Overlap(
+        n_seeds=n_seeds, n_latents=n_latents, threshold=0.7, per_pair={"threshold": masks.mean(1)},
+        draws={"threshold": masks.mean(0)[idx].mean(1)}, mean_matched_cos={"dec": 0.0, "enc": 0.0},
+        mean_max_cos={"dec": 0.0, "enc": 0.0},
+        seed_level={"threshold": stats.seed_bootstrap(masks.astype(float), pairs, n_seeds, n_boot=500, return_draws=True)})
+
+
+def test_verdicts_read_the_seed_level_interval():
+    """Two families 0.05 apart whose seeds differ: the latent-only interval calls the difference resolved,
+    the seed-level one (what verdicts read) does not."""
+    rng = np.random.default_rng(3)
+    a, b = _planted_overlap(rng, 0.35, 0.08), _planted_overlap(rng, 0.40, 0.08)
+    effect = ablations.compare_overlaps(a, b)
+    lo, hi = effect["ci95"]
+    lo_s, hi_s = effect["ci95_seed"]
+    assert lo > 0 and lo_s < 0 < hi_s and (hi_s - lo_s) > 3 * (hi - lo)
+    assert claims.effect_row("b shares more", "higher", effect, +1)["holds"].startswith("not resolved")

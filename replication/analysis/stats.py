@@ -82,7 +82,7 @@ def hierarchical_bootstrap(groups: Sequence[np.ndarray], n_boot: int = 1000, ci:
 
 
 def seed_bootstrap(values: np.ndarray, pairs: Sequence[tuple[int, int]], n_seeds: int, n_boot: int = 1000,
-                   ci: float = 0.95, seed: int = 0, chunk: int = 64) -> dict[str, Any]:
+                   ci: float = 0.95, seed: int = 0, chunk: int = 64, return_draws: bool = False) -> dict[str, Any]:
     """Hierarchical bootstrap of a pair-averaged statistic of a seed family: resample the seeds (hence
     the pairs), then the latents within each pair.
 
@@ -92,7 +92,8 @@ def seed_bootstrap(values: np.ndarray, pairs: Sequence[tuple[int, int]], n_seeds
     each pair of distinct drawn seeds counts once per way of picking it (weight m_i * m_j for multiplicities
     m), pairs of a seed with itself are dropped; within each pair the latents are resampled too. The interval
     therefore carries the variance between seeds, which a latent-only bootstrap misses
-    (tests/test_stats.py shows its coverage on a null with seed effects).
+    (tests/test_stats.py shows its coverage on a null with seed effects). `return_draws` adds the
+    replicates (`draws`, an array) for comparisons between families.
     """
     values = np.asarray(values, np.float64)
     if values.ndim != 2 or values.shape[0] != len(pairs) or values.shape[1] == 0:
@@ -117,8 +118,11 @@ def seed_bootstrap(values: np.ndarray, pairs: Sequence[tuple[int, int]], n_seeds
     boots = (weights[ok] * pair_boot[ok]).sum(1) / weights[ok].sum(1)
     a = (1 - ci) / 2
     low, high = np.quantile(boots, [a, 1 - a])
-    return {"estimate": float(values.mean(1).mean()), "low": float(low), "high": float(high), "ci": ci,
-            "n_boot": int(ok.sum()), "n_seeds": int(n_seeds), "n_pairs": int(n_pairs), "seed": seed}
+    out = {"estimate": float(values.mean(1).mean()), "low": float(low), "high": float(high), "ci": ci,
+           "n_boot": int(ok.sum()), "n_seeds": int(n_seeds), "n_pairs": int(n_pairs), "seed": seed}
+    if return_draws:
+        out["draws"] = boots
+    return out
 
 
 # --------------------------------------------------------------------------- tests

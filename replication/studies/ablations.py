@@ -49,8 +49,11 @@ class Overlap:
     def mean(self, definition: str = "threshold") -> float:
         return float(self.per_pair[definition].mean())
 
-    def interval(self, definition: str = "threshold", ci: float = 0.95) -> tuple[float, float]:
-        lo, hi = np.quantile(self.draws[definition], [(1 - ci) / 2, (1 + ci) / 2])
+    def interval(self, definition: str = "threshold", ci: float = 0.95, level: str = "latent") -> tuple[float, float]:
+        """Bootstrap interval of the pair-averaged fraction: `level` "latent" resamples base latents only,
+        "seed" seeds then latents (what plots and verdicts use; it includes the variance between seeds)."""
+        draws = self.draws[definition] if level == "latent" else self.seed_level[definition]["draws"]
+        lo, hi = np.quantile(draws, [(1 - ci) / 2, (1 + ci) / 2])
         return float(lo), float(hi)
 
     def summary(self) -> dict[str, Any]:
@@ -105,7 +108,8 @@ def family_overlap(directions: Sequence[LatentDirections], threshold: float = DE
         mean_matched_cos={"dec": float(cos["dec"].mean()), "enc": float(cos["enc"].mean())},
         mean_max_cos={"dec": float(cos["dec_max"].mean()), "enc": float(cos["enc_max"].mean())},
         extra=dict(extra),
-        seed_level={**{d: seed_bootstrap(m, pairs, fm.n_seeds, n_boot=n_boot, seed=seed + 1) for d, m in masks.items()},
+        seed_level={**{d: seed_bootstrap(m, pairs, fm.n_seeds, n_boot=n_boot, seed=seed + 1, return_draws=True)
+                       for d, m in masks.items()},
                     "pw_mcc": seed_bootstrap(dec_cos, pairs, fm.n_seeds, n_boot=n_boot, seed=seed + 2)},
     )
 
@@ -115,7 +119,7 @@ def overlap_frame(points: Mapping[Any, Overlap], axis: str = "value") -> pd.Data
     rows = []
     for value, ov in points.items():
         for d in ov.per_pair:
-            lo, hi = ov.interval(d)
+            lo, hi = ov.interval(d, level="seed" if d in ov.seed_level else "latent")
             rows.append({axis: value, "definition": d, "shared": ov.mean(d), "pair_std": float(ov.per_pair[d].std()),
                          "ci_low": lo, "ci_high": hi, "n_seeds": ov.n_seeds, "n_latents": ov.n_latents,
                          "mean_matched_dec": ov.mean_matched_cos["dec"], "mean_max_dec": ov.mean_max_cos["dec"],
@@ -125,26 +129,39 @@ def overlap_frame(points: Mapping[Any, Overlap], axis: str = "value") -> pd.Data
     return pd.DataFrame(rows)
 
 
-def _pooled(points: Overlap | Sequence[Overlap], definition: str) -> tuple[float, np.ndarray]:
-    """Mean and bootstrap draws of one point, or of the average of several points."""
+def _pooled(points: Overlap | Sequence[Overlap], definition: str, level: str = "latent") -> tuple[float, np.ndarray]:
+    """Mean and bootstrap draws of one point, or of the average of several points; `level` "latent"
+    resamples base latents, "seed" seeds then latents (`stats.seed_bootstrap`)."""
     group = [points] if isinstance(points, Overlap) else list(points)
     if not group:
         raise ValueError("cannot compare an empty group of sweep points")
-    n = min(len(ov.draws[definition]) for ov in group)
+    draws = [ov.draws[definition] if level == "latent" else ov.seed_level[definition]["draws"] for ov in group]
+    n = min(len(d) for d in draws)
     mean = float(np.mean([ov.mean(definition) for ov in group]))
-    return mean, np.mean([ov.draws[definition][:n] for ov in group], axis=0)
+    return mean, np.mean([d[:n] for d in draws], axis=0)
 
 
 def compare_overlaps(a: Overlap | Sequence[Overlap], b: Overlap | Sequence[Overlap],
                      definition: str = "threshold") -> dict[str, Any]:
-    """b - a with a 95% bootstrap interval. Either side may be a group of points (averaged), e.g.
-    the middle layers vs the first and last. Points are bootstrapped independently."""
-    mean_a, draws_a = _pooled(a, definition)
-    mean_b, draws_b = _pooled(b, definition)
-    n = min(len(draws_a), len(draws_b))
-    lo, hi = np.quantile(draws_b[:n] - draws_a[:n], [0.025, 0.975])
-    return {"difference": mean_b - mean_a, "ci95": [float(lo), float(hi)],
-            "excludes_zero": bool(lo > 0 or hi < 0)}
+    """b - a with 95% bootstrap intervals. Either side may be a group of points (averaged), e.g. the
+    middle layers vs the first and last; points are bootstrapped independently. `ci95_seed` resamples
+    seeds then latents and is the one verdicts read (`claims.effect_row`); `ci95` resamples latents only
+    and is kept for comparison: it ignores the variance between seeds and is too narrow."""
+    points = [a] if isinstance(a, Overlap) else list(a)
+    points += [b] if isinstance(b, Overlap) else list(b)
+    levels = [("latent", "ci95")]
+    if all(definition in ov.seed_level for ov in points):
+        levels.append(("seed", "ci95_seed"))
+    out: dict[str, Any] = {}
+    for level, key in levels:
+        mean_a, draws_a = _pooled(a, definition, level)
+        mean_b, draws_b = _pooled(b, definition, level)
+        n = min(len(draws_a), len(draws_b))
+        lo, hi = np.quantile(draws_b[:n] - draws_a[:n], [0.025, 0.975])
+        out.update({"difference": mean_b - mean_a, key: [float(lo), float(hi)]})
+    lo, hi = out.get("ci95_seed", out["ci95"])
+    out["excludes_zero"] = bool(lo > 0 or hi < 0)
+    return out
 
 
 def trend(values: Sequence[float], overlaps: Sequence[Overlap], definition: str = "threshold") -> dict[str, Any]:

@@ -264,3 +264,17 @@ def test_figure_json_names_its_resolved_dtypes(name):
     spec = experiments.FamilySpec.from_params(family["spec"])
     info = json.loads((experiments.family_dir(spec) / f"seed{spec.seeds[0]}" / spec.hook / "training.json").read_text())
     assert info["resolved_dtypes"] == {"model": dtypes["model"], "select": dtypes["select"], "weights": "float32"}
+
+
+@pytest.mark.parametrize("name", ["01_fig1_bimodal_cosine", "02_fig2_kseed_decay", "03_fig3_firing_frequency",
+                                  "04_figA1_threshold", "05_figA2_A3_hungarian_vs_maxcos"])
+def test_core_family_figures_report_the_same_pw_mcc(name):
+    """Every figure of the core family reports Song et al.'s PW-MCC beside its shared fractions, and they agree:
+    the same family, the same number (recomputed here from the matchings)."""
+    n = numbers(name)
+    family = _smoke_family(name)
+    fm = family.matching
+    expected = np.mean([fm.result(i, j).dec_cos.mean() for i in range(fm.n_seeds) for j in range(i + 1, fm.n_seeds)])
+    assert n["pw_mcc"]["estimate"] == pytest.approx(expected, abs=1e-6)
+    lo, hi = n["pw_mcc"]["ci95_seed"]
+    assert lo <= n["pw_mcc"]["estimate"] <= hi

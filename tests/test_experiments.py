@@ -64,3 +64,16 @@ def test_learning_rate_rule_lives_in_one_function() -> None:
     assert training.learning_rate(1024, 4.0, lr=1e-3) == 1e-3
     assert training.TrainConfig(n_latents=1024).resolved_lr() == training.learning_rate(1024)
     assert asdict(FamilySpec())["lr"] is None
+
+
+def test_default_ablation_points_have_at_least_four_seeds() -> None:
+    """Seed-level intervals need seeds to resample: every default ablation point trains >= 4 seeds (6 pairs)."""
+    import ast
+
+    for name, key in (("06_fig4_size_k_tokens", "sweep_seeds"), ("07_fig5_layer_model_arch", "ablation_seeds")):
+        nb = json.loads((paths.NOTEBOOKS_DIR / f"{name}.ipynb").read_text())
+        cell = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
+        tree = ast.parse("".join(cell["source"]))
+        value = next(ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == key)
+        override = (yaml.safe_load((paths.NOTEBOOKS_DIR / "params" / name / "default.yaml").read_text()) or {}).get(key)
+        assert len(override or value) >= 4, (name, override or value)

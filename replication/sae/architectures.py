@@ -14,7 +14,7 @@ Parameter names equal the tensor names of the `sparsify` checkpoint layout (`enc
 
 * `TopKSAE` is the `sparsify` SAE the paper trained: `z = TopK(ReLU(W_enc (x - b_dec) + b_enc))`,
   `x_hat = W_dec^T z + b_dec`. Its gradients come from a sparse backward (only the k selected
-  latents per token carry gradient), in `topk_kernels`.
+  latents per token carry gradient), in `kernels`.
 * `ReLUSAE`: ReLU + L1, the L1 weighted by decoder row norms (as SAELens does).
 * `GatedSAE`: Rajamanoharan et al. 2024 (`b_gate`, `b_mag`, `r_mag`, auxiliary loss through a
   frozen decoder copy).
@@ -324,7 +324,7 @@ class TopKSAE(SAEBase):
     def loss_and_grads(self, x: Tensor, total_variance: Tensor, *, dead_mask: Tensor | None = None,
                        auxk_alpha: float = 0.0, workspace: dict[str, Tensor] | None = None,
                        select_dtype: torch.dtype | None = None, **_: Any) -> dict[str, Any]:
-        """The sparse manual backward (`topk_kernels.topk_loss_and_grads`): same loss and gradients as
+        """The sparse manual backward (`kernels.topk_loss_and_grads`): same loss and gradients as
         autograd through `training_loss`, with buffers reused across steps and optional AuxK."""
         return topk_loss_and_grads(self, x, total_variance=total_variance, dead_mask=dead_mask, auxk_alpha=auxk_alpha,
                                    workspace=workspace, select_dtype=select_dtype)

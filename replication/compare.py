@@ -45,10 +45,8 @@ from .analysis.matching import (
     DEFINITIONS,
     MatchResult,
     agreement_fraction,
-    cosine_matrix,
     match,
     shared_masks,
-    solve_assignment_detailed,
 )
 from .io import write_json_atomic
 from .sae.architectures import SAEBase
@@ -345,15 +343,6 @@ def _nan_none(x: float) -> float | None:
 # ----------------------------------------------------------------------------------------------
 # the computation
 # ----------------------------------------------------------------------------------------------
-def untrained_pw_mcc(d_in: int, n_latents: int, seeds: tuple[int, int] = (0, 1), architecture: str = "topk") -> float:
-    """Mean Hungarian-matched decoder cosine of two untrained SAEs of this shape (seeded init).
-
-    Every architecture here shares sparsify's tied initialisation, so the shape alone fixes it.
-    """
-    from .sae.architectures import build_sae
-
-    decs = [build_sae(architecture, d_in, n_latents, k=1, seed=s).W_dec.detach().numpy() for s in seeds]
-    return float(solve_assignment_detailed(cosine_matrix(decs[0], decs[1])).values.astype(np.float64).mean())
 
 
 def _validate_family(loaded: Sequence[LoadedSAE]) -> None:
@@ -439,7 +428,9 @@ def compare_saes(saes: Sequence[Any], *, names: Sequence[str] | None = None, thr
     log("chance baseline (random directions) and untrained baseline")
     chance = stability.chance_shared_fractions(dirs[0], threshold, seed=seed, method=method)
     arch = loaded[0].sae.architecture if loaded[0].sae is not None else "topk"
-    untrained = untrained_pw_mcc(d_in, n, architecture=arch)
+    # every architecture here shares sparsify's tied initialisation, so the shape alone fixes the floor
+    untrained = stability.untrained_pw_mcc(arch, d_in, n, 1, seeds=(0, 1), n_boot=200)["estimate"]
+    pw_mcc = fm.pw_mcc(n_boot=n_boot, seed=seed)
     mean_cos = [0.5 * (results[p].dec_cos.astype(np.float64) + results[p].enc_cos) for p in pairs]
     agree = [results[p].dec_partner == results[p].enc_partner for p in pairs]
     all_cos, all_agree = np.concatenate(mean_cos), np.concatenate(agree)
@@ -515,7 +506,7 @@ def compare_saes(saes: Sequence[Any], *, names: Sequence[str] | None = None, thr
         "definition": definition, "pairs": [[names[i], names[j]] for i, j in pairs],
         "shared_fraction": {d: fractions[d] for d in DEFINITIONS},
         "chance_shared_fraction": chance,
-        "pw_mcc": {"trained": float(np.mean([results[p].dec_cos.mean() for p in pairs])),
+        "pw_mcc": {"trained": pw_mcc["estimate"], "ci95_seed": pw_mcc["ci95_seed"],
                    "untrained": untrained, "per_pair": pairs_df["pw_mcc"].tolist(),
                    "untrained_seeds": [0, 1], "untrained_architecture": arch},
         "agree_disagree": {"agreement_fraction": float(all_agree.mean()),

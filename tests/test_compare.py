@@ -19,9 +19,9 @@ from safetensors.torch import save_file
 import replication
 from replication import cli
 from replication.analysis.matching import match, shared_masks
-from replication.analysis.stability import kseed_only_in_base
+from replication.analysis.stability import kseed_only_in_base, untrained_pw_mcc
 from replication.analysis.stats import bootstrap_ci
-from replication.compare import compare_saes, expand_inputs, untrained_pw_mcc
+from replication.compare import compare_saes, expand_inputs
 from replication.sae.architectures import build_sae, firing_counts
 from replication.sae.checkpoints import export_sae, fold_input_scale, load_directions, load_sae, sae_from_state_dict, save_sae
 from replication.sae.training import DataConfig, TrainConfig, evaluate_sae, train_saes
@@ -102,7 +102,9 @@ def test_command_prints_notebook01_shared_fraction(trained, tmp_path) -> None:
     ci = bootstrap_ci(masks["threshold"], n_boot=200)
     assert report["shared_fraction"]["threshold"]["low"] == ci["low"]
     assert report["pw_mcc"]["trained"] == pytest.approx(float(res.dec_cos.mean()))
-    assert report["pw_mcc"]["untrained"] == pytest.approx(untrained_pw_mcc(D_IN, N_LAT))
+    assert report["pw_mcc"]["untrained"] == pytest.approx(untrained_pw_mcc("topk", D_IN, N_LAT, 1, seeds=(0, 1))["estimate"])
+    lo, hi = report["pw_mcc"]["ci95_seed"]
+    assert lo <= report["pw_mcc"]["trained"] <= hi
     assert report["pw_mcc"]["trained"] > report["pw_mcc"]["untrained"]
     assert report["kseed"] is None                      # two SAEs: no k-seed curve
     csv = pd.read_csv(out / "per_latent.csv")

@@ -76,6 +76,12 @@ class Code(NamedTuple):
         out = torch.zeros(n_latents, dtype=torch.float64, device=self.values.device)
         return out.index_add_(0, self.indices.reshape(-1), self.values.reshape(-1).double())
 
+    def counts(self, n_latents: int) -> Tensor:
+        """int64 `[n_latents]`: on how many tokens of the batch each latent is active (> 0)."""
+        if self.indices is None:
+            return (self.values > 0).sum(dim=0, dtype=torch.int64)
+        return torch.bincount(self.indices[self.values > 0], minlength=n_latents).to(torch.int64)
+
     def fired(self, n_latents: int) -> Tensor:
         """Bool `[B, n_latents]`: latent active (> 0) on the token."""
         if self.indices is None:
@@ -230,7 +236,7 @@ class SAEBase(nn.Module):
 
     def count_firing(self, x: Tensor) -> Tensor:
         """Int64 `[n_latents]`: on how many tokens of `x` each latent is active."""
-        return self.firing_mask(x).sum(dim=0, dtype=torch.int64)
+        return self.encode(x).counts(self.n_latents)
 
     def _create_weights(self, encoder_bias: bool, device: Any, dtype: torch.dtype | str | None) -> torch.dtype:
         """Zeroed `encoder` (Linear, optional bias), `W_dec [n, d_in]` and `b_dec [d_in]`; returns the dtype.
@@ -328,10 +334,6 @@ class TopKSAE(SAEBase):
         autograd through `training_loss`, with buffers reused across steps and optional AuxK."""
         return topk_loss_and_grads(self, x, total_variance=total_variance, dead_mask=dead_mask, auxk_alpha=auxk_alpha,
                                    workspace=workspace, select_dtype=select_dtype)
-
-    def count_firing(self, x: Tensor) -> Tensor:
-        values, indices = self.encode(x)
-        return torch.bincount(indices[values > 0], minlength=self.n_latents).to(torch.int64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -657,8 +659,5 @@ def firing_counts(sae: SAEBase, activations: np.ndarray | Tensor, batch_size: in
     counts = torch.zeros(sae.n_latents, dtype=torch.int64, device=device or sae.device)
     for _, _, code in iter_codes(sae, activations, batch_size, device, input_scale=input_scale, progress=progress,
                                  desc="firing counts"):
-        if code.indices is None:
-            counts += (code.values > 0).sum(dim=0, dtype=torch.int64)
-        else:
-            counts += torch.bincount(code.indices[code.values > 0], minlength=sae.n_latents).to(torch.int64)
+        counts += code.counts(sae.n_latents)
     return counts.cpu().numpy()

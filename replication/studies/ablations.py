@@ -44,7 +44,8 @@ class Overlap:
     mean_matched_cos: dict[str, float]
     mean_max_cos: dict[str, float]
     extra: dict[str, Any] = field(default_factory=dict)
-    seed_level: dict[str, dict[str, Any]] = field(default_factory=dict)   # stats.seed_bootstrap per definition and "pw_mcc"
+    # stats.seed_bootstrap per definition (with draws), and "pw_mcc": FamilyMatching.pw_mcc
+    seed_level: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def mean(self, definition: str = "threshold") -> float:
         return float(self.per_pair[definition].mean())
@@ -70,7 +71,7 @@ class Overlap:
                "mean_matched_cos": self.mean_matched_cos, "mean_max_cos": self.mean_max_cos, **self.extra}
         if "pw_mcc" in self.seed_level:   # Song et al.'s PW-MCC: mean Hungarian-matched decoder cosine over pairs
             pw = self.seed_level["pw_mcc"]
-            out["pw_mcc"] = {"estimate": pw["estimate"], "ci95_seed": [pw["low"], pw["high"]]}
+            out["pw_mcc"] = {"estimate": pw["estimate"], "ci95_seed": pw["ci95_seed"]}
         return out
 
 
@@ -90,12 +91,10 @@ def family_overlap(directions: Sequence[LatentDirections], threshold: float = DE
     pairs = list(itertools.combinations(range(fm.n_seeds), 2))
     masks = {d: np.empty((len(pairs), fm.n_latents), bool) for d in DEFINITIONS}
     cos = {key: np.empty(len(pairs)) for key in ("dec", "enc", "dec_max", "enc_max")}
-    dec_cos = np.empty((len(pairs), fm.n_latents))
     for p, (i, j) in enumerate(pairs):
         res = fm.result(i, j)
         for d, m in shared_masks(res, threshold).items():
             masks[d][p] = m
-        dec_cos[p] = res.dec_cos
         cos["dec"][p], cos["enc"][p] = res.dec_cos.mean(), res.enc_cos.mean()
         cos["dec_max"][p], cos["enc_max"][p] = res.dec_max_cos.mean(), res.enc_max_cos.mean()
     rng = np.random.default_rng(seed)
@@ -110,7 +109,7 @@ def family_overlap(directions: Sequence[LatentDirections], threshold: float = DE
         extra=dict(extra),
         seed_level={**{d: seed_bootstrap(m, pairs, fm.n_seeds, n_boot=n_boot, seed=seed + 1, return_draws=True)
                        for d, m in masks.items()},
-                    "pw_mcc": seed_bootstrap(dec_cos, pairs, fm.n_seeds, n_boot=n_boot, seed=seed + 2)},
+                    "pw_mcc": fm.pw_mcc(n_boot=n_boot, seed=seed + 2)},
     )
 
 

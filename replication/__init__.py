@@ -24,7 +24,8 @@ _MODULES = {
     "ablations": "studies.ablations", "interpretability": "studies.interpretability", "explainers": "studies.explainers",
     "per_latent": "studies.per_latent", "splicing": "studies.splicing", "random_control": "studies.random_control",
     "subspaces": "studies.subspaces", "synthetic": "studies.synthetic", "pooling": "studies.pooling",
-    "live_only": "studies.live_only", "orphans": "studies.orphans",
+    "live_only": "studies.live_only", "orphans": "studies.orphans", "convergence": "studies.convergence",
+    "consistency": "studies.consistency",
 }
 """Short name -> module inside the package (`from replication import matching`)."""
 

@@ -24,7 +24,7 @@ def effect_row(claim: str, paper: str, effect: Mapping[str, Any], expected_sign:
         raise ValueError(f"expected_sign must be -1, 0 or +1, got {expected_sign!r}")
     ends = effect if "difference" in effect else effect["first_to_last"]
     diff = ends["difference"]
-    lo, hi = ends.get("ci95_seed", ends["ci95"])    # seed-level when recorded: seeds, then latents
+    lo, hi = ends["ci95_seed"] if "ci95_seed" in ends else ends["ci95"]   # seed-level when recorded: seeds, then latents
     significant = lo > 0 or hi < 0
     holds = bool(significant and np.sign(diff) == expected_sign)
     verdict = "yes" if holds else ("opposite" if significant else "not resolved (interval includes 0)")

@@ -193,9 +193,10 @@ def _sweep_axis(ax, xs, values, categorical: bool, log_x: bool) -> None:
 
 
 def overlap_sweep_panel(ax, frame, axis: str, definitions=("threshold", "agree", "decoder"), log_x: bool = False,
-                        xlabel: str | None = None, categorical: bool = False) -> None:
+                        xlabel: str | None = None, categorical: bool = False, series_label: str | None = None) -> None:
     """Figures 4-5: shared fraction per sweep point and definition, with the 95% bootstrap interval
-    as error bars and each seed pair as a faint dot (the spread over seeds)."""
+    as error bars and each seed pair as a faint dot (the spread over seeds). `series_label` draws a second
+    series on the same axes (e.g. the sweep at another budget): dashed, open markers, labels prefixed."""
 
     values = list(dict.fromkeys(frame[axis]))
     xs = np.arange(len(values)) if categorical else np.asarray(values, dtype=float)
@@ -205,9 +206,11 @@ def overlap_sweep_panel(ax, frame, axis: str, definitions=("threshold", "agree",
         style = DEFINITION_STYLE.get(d, {})
         y = sub.shared.to_numpy()
         err = np.vstack([y - sub.ci_low.to_numpy(), sub.ci_high.to_numpy() - y]).clip(min=0)
-        wide = d == "threshold"   # drawn wide and pale so that `agree` (often identical) stays visible on top
-        ax.errorbar(xs + off, y, yerr=err, marker="o", ms=7 if wide else 4, capsize=3, label=d, color=style.get("color"),
-                    ls="none" if categorical else style.get("ls", "-"), lw=4 if wide else 1.5, alpha=0.45 if wide else 1.0)
+        wide = d == "threshold" and series_label is None   # wide and pale so that `agree` (often identical) stays visible
+        ls = "none" if categorical else ("--" if series_label else style.get("ls", "-"))
+        ax.errorbar(xs + off, y, yerr=err, marker="o", ms=7 if wide else 5, capsize=3,
+                    label=f"{d} ({series_label})" if series_label else d, color=style.get("color"), ls=ls,
+                    lw=4 if wide else 1.5, alpha=0.45 if wide else 1.0, mfc="white" if series_label else None)
         if "per_pair" in sub:
             for x, pairs in zip(xs + off, sub.per_pair):
                 ax.scatter(np.full(len(pairs), x), pairs, s=6, alpha=0.25, color=style.get("color"), lw=0)
@@ -216,6 +219,36 @@ def overlap_sweep_panel(ax, frame, axis: str, definitions=("threshold", "agree",
     ax.set_ylabel("fraction of latents shared")
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=8)
+
+
+def convergence_panel(ax, series: dict[str, dict[str, Any]], ylabel: str, ylim: tuple[float, float] | None = None,
+                      xlabel: str = "training tokens (separate runs, a full schedule each)", connect: bool = False) -> None:
+    """Notebooks 16 and 17: one statistic against training tokens, one series per label. A series holds
+    `budgets`, `values`, `ci95` ([low, high] per point, seed-level), optionally `fit`
+    (`convergence.fit_plateau`: its curve; where identified, its plateau dotted and the plateau interval shaded)
+    and `floor` (a baseline drawn as a dashed line in the series' colour). `connect` joins the points
+    (checkpoints of the same runs, notebook 17)."""
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for (label, s), colour in zip(series.items(), colours):
+        b, y = np.asarray(s["budgets"], float), np.asarray(s["values"], float)
+        ci = np.asarray(s["ci95"], float)
+        err = np.vstack([y - ci[:, 0], ci[:, 1] - y]).clip(min=0)
+        ax.errorbar(b, y, yerr=err, marker="o", ls="-" if connect else "none", capsize=3, color=colour, label=label)
+        if s.get("floor") is not None:
+            ax.axhline(s["floor"], color=colour, ls="--", lw=1, alpha=0.7)
+        fit = s.get("fit") or {}
+        if fit.get("ok"):
+            ax.plot(fit["curve"]["budgets"], fit["curve"]["values"], color=colour, lw=1.2)
+        if fit.get("ok") and fit.get("identified"):   # no line where the curve shows no sign of saturating
+            ax.axhline(fit["plateau"], color=colour, ls=":", lw=1)
+            if fit.get("plateau_ci95"):
+                ax.axhspan(*fit["plateau_ci95"], color=colour, alpha=0.08, lw=0)
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.legend(fontsize=7)
 
 
 def a3_panel(ax, frame, axis: str, log_x: bool = False, xlabel: str | None = None, categorical: bool = False) -> None:

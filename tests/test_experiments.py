@@ -70,7 +70,8 @@ def test_default_ablation_points_have_at_least_four_seeds() -> None:
     """Seed-level intervals need seeds to resample: every default ablation point trains >= 4 seeds (6 pairs)."""
     import ast
 
-    for name, key in (("06_fig4_size_k_tokens", "sweep_seeds"), ("07_fig5_layer_model_arch", "ablation_seeds")):
+    for name, key in (("06_fig4_size_k_tokens", "sweep_seeds"), ("07_fig5_layer_model_arch", "ablation_seeds"),
+                      ("16_convergence", "budget_seeds"), ("17_consistency_views", "arch_seeds")):
         nb = json.loads((paths.NOTEBOOKS_DIR / f"{name}.ipynb").read_text())
         cell = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
         tree = ast.parse("".join(cell["source"]))

@@ -99,14 +99,18 @@ class FamilyMatching:
         """Exact Figure-2 curve: fraction of latents only in the base SAE for k seeds."""
         return kseed_only_in_base(self.shared_counts(definition, threshold), self.n_seeds, ks)
 
-    def pw_mcc(self, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    def pw_mcc(self, n_boot: int = 1000, seed: int = 0, return_draws: bool = False) -> dict[str, Any]:
         """Song et al.'s PW-MCC: the mean Hungarian-matched decoder cosine, averaged over seed pairs, with
-        the hierarchical seed-level interval (`stats.seed_bootstrap`: seeds, then latents)."""
+        the hierarchical seed-level interval (`stats.seed_bootstrap`: seeds, then latents). `return_draws`
+        adds the bootstrap replicates (`draws`, an array, not for JSON) for fits and comparisons."""
         pairs = list(itertools.combinations(range(self.n_seeds), 2))
         values = np.stack([np.asarray(self._results[p].dec_cos, np.float64) for p in pairs])
-        out = seed_bootstrap(values, pairs, self.n_seeds, n_boot=n_boot, seed=seed)
-        return {"estimate": out["estimate"], "ci95_seed": [out["low"], out["high"]], "n_seeds": self.n_seeds,
-                "n_pairs": len(pairs), "n_latents": self.n_latents}
+        out = seed_bootstrap(values, pairs, self.n_seeds, n_boot=n_boot, seed=seed, return_draws=return_draws)
+        summary = {"estimate": out["estimate"], "ci95_seed": [out["low"], out["high"]], "n_seeds": self.n_seeds,
+                   "n_pairs": len(pairs), "n_latents": self.n_latents}
+        if return_draws:
+            summary["draws"] = out["draws"]
+        return summary
 
     def pair_table(self, threshold: float = DEFAULT_THRESHOLD) -> pd.DataFrame:
         """One row per ordered pair (base, other): shared fraction per definition."""

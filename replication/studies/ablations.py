@@ -109,7 +109,7 @@ def family_overlap(directions: Sequence[LatentDirections], threshold: float = DE
         extra=dict(extra),
         seed_level={**{d: seed_bootstrap(m, pairs, fm.n_seeds, n_boot=n_boot, seed=seed + 1, return_draws=True)
                        for d, m in masks.items()},
-                    "pw_mcc": fm.pw_mcc(n_boot=n_boot, seed=seed + 2)},
+                    "pw_mcc": fm.pw_mcc(n_boot=n_boot, seed=seed + 2, return_draws=True)},
     )
 
 
@@ -192,6 +192,7 @@ def sweep_overlaps(values: Sequence[Any], specs: Sequence[Any], threshold: float
         s = fam.summary()
         out[value] = family_overlap(fam.directions, threshold, n_boot, l0=s["mean_l0"], fvu=s["mean_fvu"],
                                     dead_fraction=s["mean_dead_fraction"], n_latents_sae=fam.spec.n_latents,
+                                    schedule_tokens=fam.spec.n_tokens,   # the budget of this point's own LR schedule
                                     training_s=s["timings_s"].get("training_s"))
     return out
 
@@ -263,10 +264,11 @@ def d_model(spec: Any) -> int:
 
 
 def match_sparsity(base: Any, architectures: Sequence[str], target_l0: float,
-                   coefficients: Sequence[float] = (0.05, 0.1, 0.2, 0.4), tolerance: float = 0.2,
-                   max_rounds: int = 4, progress: bool = False) -> dict[str, dict[str, Any]]:
+                   coefficients: Sequence[float] | Mapping[str, Sequence[float]] = (0.05, 0.1, 0.2, 0.4),
+                   tolerance: float = 0.2, max_rounds: int = 4, progress: bool = False) -> dict[str, dict[str, Any]]:
     """Find, per architecture, an L1 coefficient whose held-out L0 is within `tolerance` of
-    `target_l0`, training the first seed of `base` only.
+    `target_l0`, training the first seed of `base` only. `coefficients` is the first round's grid,
+    one for all architectures or one per architecture (a mapping).
 
     Round 1 trains every (architecture, coefficient) of the grid in one pass over the data;
     later rounds train the log-log interpolated coefficient of each architecture not yet within
@@ -277,7 +279,13 @@ def match_sparsity(base: Any, architectures: Sequence[str], target_l0: float,
 
     first = (base.seeds[0],)
     history: dict[str, list[tuple[float, float]]] = {a: [] for a in architectures}
-    todo = {a: list(coefficients) for a in architectures}
+    if isinstance(coefficients, Mapping):
+        missing = [a for a in architectures if a not in coefficients]
+        if missing:
+            raise ValueError(f"no calibration grid for {missing}; the grids cover {sorted(coefficients)}")
+        todo = {a: list(coefficients[a]) for a in architectures}
+    else:
+        todo = {a: list(coefficients) for a in architectures}
     chosen: dict[str, dict[str, Any]] = {}
     for _ in range(max_rounds):
         specs, owners = [], []

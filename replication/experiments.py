@@ -57,6 +57,11 @@ class FamilySpec:
     device: str = "cpu"                  # "cpu", "cuda[:N]" or "auto" (cuda where visible)
     extra_hooks: tuple[str, ...] = field(default_factory=tuple)  # more hooks cached in the same pass
     checkpoint_at_tokens: tuple[int, ...] = (125_000, 250_000, 500_000, 1_000_000, 2_000_000)  # tokens ablation
+    # "cache": train on the disk cache of n_train_tokens (epochs over it); "stream": the model makes the training
+    # activations on the fly from the corpus's whole train split (no cache of them; the held-out split and the
+    # n_train_tokens used for the input scale are still cached)
+    activation_source: str = "cache"
+    stream_buffer_tokens: int = 0        # the stream's shuffle buffer (0: off, batches in corpus order)
 
     def resolved_device(self) -> str:
         """The device this family computes on (`auto` resolved)."""
@@ -82,6 +87,9 @@ class FamilySpec:
         d = asdict(self)
         for key in ("seeds", "device", "extra_hooks", "checkpoint_at_tokens", "store_dtype"):
             d.pop(key)  # store_dtype is part of the activations key below
+        if d["activation_source"] == "cache":      # keys of cached families predate streaming: keep them
+            d.pop("activation_source")
+            d.pop("stream_buffer_tokens")
         d["model_dtype"] = self.resolved_dtypes()["model"]   # resolved: caches of different dtypes never mix
         d["select_dtype"] = self.resolved_dtypes()["select"]
         d["activations"] = self.activation_settings().key()
@@ -208,7 +216,36 @@ def _train_configs(spec: FamilySpec):
 def _stream_key(spec: FamilySpec) -> tuple:
     """Families with equal keys read the same batches and can be trained in one pass."""
     return (spec.activation_settings().key(), spec.hook, spec.batch_size, spec.n_tokens, spec.data_seed,
-            spec.resolved_device())
+            spec.resolved_device(), spec.activation_source, spec.stream_buffer_tokens)
+
+
+def _check_source(spec: FamilySpec) -> None:
+    if spec.activation_source not in ("cache", "stream"):
+        raise ValueError(f"activation_source {spec.activation_source!r}: choose 'cache' or 'stream'")
+    if spec.activation_source == "stream" and spec.n_tokens is None:
+        raise ValueError("a streamed family needs n_tokens (the training budget): a stream has no epoch")
+    if spec.stream_buffer_tokens < 0 or (spec.stream_buffer_tokens and spec.stream_buffer_tokens < spec.batch_size):
+        raise ValueError(f"stream_buffer_tokens {spec.stream_buffer_tokens} must be 0 (off) or >= batch_size "
+                         f"{spec.batch_size}")
+
+
+def activation_stream(spec: FamilySpec, cache: ActivationCache, model=None):
+    """The `lm.streaming.ActivationStream` a streamed family trains on: the corpus's whole train split (the
+    corpus of `cache`), the spec's hook, batch size, data seed and shuffle buffer, the cache's forward dtype."""
+    from .lm.activations import split_windows
+    from .lm.models import load_model
+    from .lm.streaming import ActivationStream
+
+    settings = cache.manifest["settings"]
+    device = spec.resolved_device()
+    if model is None:
+        model = load_model(settings["model_name"], device=device, dtype=settings["model_dtype"],
+                           random_init=settings["random_init"], random_seed=settings["random_seed"])
+    windows, _ = split_windows(cache, "train", n_positions=-1)
+    return ActivationStream(model, windows, spec.hook, batch_size=spec.batch_size,
+                            skip_positions=int(settings["skip_positions"]), data_seed=spec.data_seed,
+                            buffer_tokens=spec.stream_buffer_tokens, batch_seqs=int(settings["batch_seqs"]),
+                            store_dtype=spec.store_dtype, device=device)
 
 
 def seed_families(specs: Sequence[FamilySpec], progress: bool = True, model=None) -> list[SeedFamily]:
@@ -223,6 +260,8 @@ def seed_families(specs: Sequence[FamilySpec], progress: bool = True, model=None
     from .sae.training import DataConfig, train_saes
 
     requested = list(specs)
+    for spec in requested:
+        _check_source(spec)
     # a family listed twice (e.g. where two sweeps cross) trains once
     identity = [(family_dir(s), s.seeds, s.checkpoint_at_tokens, s.extra_hooks) for s in requested]
     unique = dict(zip(identity, requested))
@@ -239,8 +278,13 @@ def seed_families(specs: Sequence[FamilySpec], progress: bool = True, model=None
         cache = build_activation_cache(first.activation_settings(), device=device, model=model, progress=progress)
         timings["activations_s"] = time.time() - start
         hook = first.hook
+        if first.activation_source == "stream":
+            source = activation_stream(first, cache, model)
+            source_hash = f"stream-{source.fingerprint()}"
+        else:
+            source, source_hash = cache.train(hook), cache.content_hash(hook)
         data = DataConfig(batch_size=first.batch_size, n_tokens=first.n_tokens, data_seed=first.data_seed,
-                          input_scale=cache.input_scale(hook), hookpoint=hook, activations_hash=cache.content_hash(hook),
+                          input_scale=cache.input_scale(hook), hookpoint=hook, activations_hash=source_hash,
                           model_dtype=cache.model_dtype)
         configs, out_dirs, owner = [], [], []
         for i in indices:
@@ -251,7 +295,7 @@ def seed_families(specs: Sequence[FamilySpec], progress: bool = True, model=None
                 owner.append(i)
         start = time.time()
         heldout = cache.heldout(hook)
-        results = train_saes(cache.train(hook), configs, data, out_dirs=out_dirs, heldout=heldout, progress=progress)
+        results = train_saes(source, configs, data, out_dirs=out_dirs, heldout=heldout, progress=progress)
         timings["training_s"] = time.time() - start
         for i in indices:
             mine = [r for r, o in zip(results, owner) if o == i]

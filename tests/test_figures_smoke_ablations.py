@@ -40,6 +40,9 @@ def check_points(points: list[dict]) -> None:
         assert p["pw_mcc"]["estimate"] == pytest.approx(p["mean_matched_cos"]["dec"], abs=1e-6)
         lo, hi = p["pw_mcc"]["ci95_seed"]
         assert lo <= p["pw_mcc"]["estimate"] + 1e-9 and p["pw_mcc"]["estimate"] <= hi + 1e-9
+        # and its floor: untrained SAEs of the point's shape and seeds
+        floor = p["pw_mcc_untrained"]
+        assert 0.0 < floor["estimate"] < 1.0 and floor["ci95_seed"][0] <= floor["estimate"] <= floor["ci95_seed"][1]
 
 
 def test_fig4_sweep_axes_as_declared():

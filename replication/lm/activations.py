@@ -181,12 +181,13 @@ def model_windows(seqs: np.ndarray, bos_token_id: int | None) -> np.ndarray:
     return np.concatenate([np.full((len(seqs), 1), int(bos_token_id), np.int64), seqs[:, :-1]], axis=1)
 
 
-def heldout_token_windows(cache: ActivationCache) -> tuple[np.ndarray, dict[str, Any]]:
-    """The held-out windows `[n_seq, seq_len]` exactly as the model saw them when the cache was built.
+def split_windows(cache: ActivationCache, split: str = "heldout",
+                  n_positions: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """A split's windows `[n_seq, seq_len]` exactly as the model sees them, rebuilt from the cache's corpus.
 
-    Rebuilt from the corpus named in the manifest (checked against its content hash), cut as
-    `build_activation_cache` cuts it, BOS shift included: activation row r of the held-out split is
-    position `skip_positions + r % per_seq` of window `r // per_seq`.
+    The corpus named in the manifest is checked against its content hash and cut as
+    `build_activation_cache` cuts it, BOS shift included. `n_positions` None: the windows the cache holds
+    for that split; -1: every whole window of the split (a streamed family reads them all, cycling).
     """
     from .corpus import Corpus
 
@@ -201,8 +202,15 @@ def heldout_token_windows(cache: ActivationCache) -> tuple[np.ndarray, dict[str,
     if corpus.content_hash != info["content_hash"]:
         raise ValueError(f"corpus {folder} has content hash {corpus.content_hash}, the activation cache was built "
                          f"from {info['content_hash']}: contexts would not line up with the activations")
+    if split not in ("train", "heldout"):
+        raise ValueError(f"unknown split {split!r}; choose 'train' or 'heldout'")
     seq_len, skip = int(settings["seq_len"]), int(settings["skip_positions"])
-    windows = _sequences(corpus.tokens("heldout"), seq_len, int(settings["n_heldout_tokens"]), skip)
+    tokens = corpus.tokens(split)
+    if n_positions is None:
+        n_positions = int(settings["n_train_tokens" if split == "train" else "n_heldout_tokens"])
+    elif n_positions == -1:
+        n_positions = (len(tokens) // seq_len) * (seq_len - skip)
+    windows = _sequences(tokens, seq_len, n_positions, skip)
     bos = None
     if cache.manifest["model"].get("bos_at_position_0"):
         bos = cache.manifest["model"].get("bos_token_id")
@@ -215,6 +223,12 @@ def heldout_token_windows(cache: ActivationCache) -> tuple[np.ndarray, dict[str,
             bos = AutoTokenizer.from_pretrained(str(convert_embedded(name)) if name in EMBEDDED_MODELS else name).bos_token_id
     return model_windows(windows, bos), {"corpus": folder.name, "seq_len": seq_len, "skip_positions": skip,
                                          "bos_at_position_0": bos is not None}
+
+
+def heldout_token_windows(cache: ActivationCache) -> tuple[np.ndarray, dict[str, Any]]:
+    """The held-out windows exactly as the model saw them when the cache was built: activation row r of the
+    held-out split is position `skip_positions + r % per_seq` of window `r // per_seq` (`split_windows`)."""
+    return split_windows(cache, "heldout")
 
 
 def build_activation_cache(

@@ -49,6 +49,7 @@ PAPER_WARMUP_FRACTION = 1000 / 122_070
 
 SPARSIFY_DEAD_WINDOW = 10_000_000
 RESUME_FILE = "resume_state.pt"
+STREAM_STATE_FILE = "stream_state.npz"   # lm.streaming.STATE_FILE: a streamed family's position, in its first SAE's folder
 
 
 # ----------------------------------------------------------------------------------------------
@@ -444,13 +445,26 @@ class _Member:
 # ----------------------------------------------------------------------------------------------
 # validation
 # ----------------------------------------------------------------------------------------------
-def _validate(activations: np.ndarray, configs: Sequence[TrainConfig], data: DataConfig,
+def _is_stream(activations: Any) -> bool:
+    """An `lm.streaming.ActivationStream` (or anything with its interface): batches made on the fly."""
+    return hasattr(activations, "next_batch") and hasattr(activations, "d_model")
+
+
+def _validate(activations: Any, configs: Sequence[TrainConfig], data: DataConfig,
               out_dirs: Sequence[Path] | None) -> tuple[int, int]:
     if not configs:
         raise ValueError("no TrainConfig given")
     if data.batch_size <= 0:
         raise ValueError(f"batch_size must be positive; got {data.batch_size}")
-    n_rows, width = activations.shape
+    if _is_stream(activations):
+        if data.n_tokens is None:
+            raise ValueError("a streamed family needs DataConfig.n_tokens: a stream has no end to define an epoch")
+        if activations.batch_size != data.batch_size:
+            raise ValueError(f"the stream makes batches of {activations.batch_size} tokens, DataConfig.batch_size is "
+                             f"{data.batch_size}; build the stream with the family's batch size")
+        n_rows, width = None, int(activations.d_model)
+    else:
+        n_rows, width = activations.shape
     declared = {c.d_in for c in configs if c.d_in is not None}
     if len(declared) > 1:
         raise ValueError(f"mismatched configs in one family: different d_in {sorted(declared)}; "
@@ -517,7 +531,9 @@ def train_saes(
 ) -> list[TrainResult]:
     """Train every SAE in `configs` on one shared batch stream (each batch is read once).
 
-    `activations` is an `[N, d_in]` array or memmap. With `out_dirs` (one folder per config),
+    `activations` is an `[N, d_in]` array or memmap, or an `lm.streaming.ActivationStream` (activations made
+    by the model on the fly; `data.n_tokens` required; its state is saved beside the resume states, in the
+    first SAE's folder, so a killed run continues the stream where it stopped). With `out_dirs` (one folder per config),
     final and intermediate checkpoints are written and a resume state is saved every
     `save_every_steps` steps / `save_every_seconds` seconds and when stopping at `max_steps`
     (this call then returns `finished=False` results). With `resume`, a finished checkpoint whose
@@ -527,7 +543,7 @@ def train_saes(
     `init_from` (one SAE or None per config) starts from given weights instead of the seeded
     initialisation, for fine-tuning; such runs are not cached, so it needs `out_dirs=None`.
     """
-    acts = _as_array(activations, "activation")
+    acts = activations if _is_stream(activations) else _as_array(activations, "activation")
     if heldout is not None:
         heldout = _as_array(heldout, "held-out activations")
     configs = [resolve_config(c) for c in configs]
@@ -600,21 +616,34 @@ def _run_family(acts: np.ndarray, members: list[_Member], data: DataConfig, tota
                 heldout: np.ndarray | None, max_steps: int | None, save_every_steps: int | None,
                 save_every_seconds: float | None, callback: Callable[[int], None] | None, progress: bool) -> None:
 
-    stream = BatchStream(acts.shape[0], data.batch_size, data.data_seed)
     start = min(m.step for m in members)
+    if _is_stream(acts):
+        batches = _stream_batches(acts, members, start)
+    else:
+        stream = BatchStream(acts.shape[0], data.batch_size, data.data_seed)
+
+        def batches(s: int) -> tuple[np.ndarray, np.ndarray]:
+            idx = stream.indices(s)
+            return idx, np.asarray(acts[idx])
+
+    def save_all() -> None:
+        for m in members:
+            m.save_resume_state()
+        if _is_stream(acts) and members[0].out_dir is not None:
+            acts.save(members[0].out_dir)
+
     stop = total_steps if max_steps is None else min(total_steps, start + int(max_steps))
     bar = tqdm(total=total_steps, initial=start, desc=f"training {len(members)} SAE(s)", disable=not progress,
                unit="step", dynamic_ncols=True)
     try:
         with DeferredInterrupts() as interrupts:
-            _steps(acts, members, data, stream, start, stop, total_steps, heldout, save_every_steps,
+            _steps(batches, save_all, members, data, start, stop, total_steps, heldout, save_every_steps,
                    save_every_seconds, callback, progress, bar, interrupts)
     except KeyboardInterrupt as stop_signal:
         # Ctrl-C / kernel interrupt / SIGTERM (deferred to the end of a step) or a callback that
         # raised between steps: every SAE is at a step boundary, so its resume state is exact.
         if not getattr(stop_signal, "forced", False):
-            for m in members:
-                m.save_resume_state()
+            save_all()
             if members[0].out_dir is not None and progress:
                 print(f"interrupted at step {min(m.step for m in members)}: resume state saved; "
                       f"rerun to continue from there")
@@ -629,18 +658,37 @@ def _run_family(acts: np.ndarray, members: list[_Member], data: DataConfig, tota
                 folder, metrics = m.write_checkpoint(m.out_dir, heldout)
                 with contextlib.suppress(FileNotFoundError):
                     (m.out_dir / RESUME_FILE).unlink()
+                with contextlib.suppress(FileNotFoundError):
+                    (m.out_dir / STREAM_STATE_FILE).unlink()
             else:
                 folder, metrics = None, m.metrics(heldout)
         else:
             m.save_resume_state()
             folder, metrics = None, m.metrics(heldout)
         m.result = m.make_result(metrics, folder)
+    if _is_stream(acts) and members[0].out_dir is not None and not members[0].finished:
+        acts.save(members[0].out_dir)
 
 
-def _steps(acts: np.ndarray, members: list[_Member], data: DataConfig, stream: BatchStream, start: int, stop: int,
-           total_steps: int, heldout: np.ndarray | None, save_every_steps: int | None,
-           save_every_seconds: float | None, callback: Callable[[int], None] | None, progress: bool, bar: Any,
-           interrupts: DeferredInterrupts) -> None:
+def _stream_batches(stream: Any, members: list["_Member"], start: int) -> Callable[[int], tuple[np.ndarray, np.ndarray]]:
+    """The batch function of a streamed family: every SAE must be at the same step, and a resumed run
+    continues the stream from the state saved with it."""
+    steps = sorted({m.step for m in members})
+    if len(steps) > 1:
+        raise ValueError(f"the SAEs of a streamed family are at different steps {steps}: a stream is read once, in "
+                         f"order, for all of them; train them apart or delete the resume states")
+    if start != stream.step:
+        folders = [m.out_dir for m in members if m.out_dir is not None]
+        if not any(stream.restore(f) and stream.step == start for f in folders):
+            raise ValueError(f"the SAEs resume at step {start} but no saved stream state is at that step "
+                             f"(looked in {[str(f) for f in folders][:3]}); delete the resume states to start over")
+    return stream.next_batch
+
+
+def _steps(batches: Callable[[int], tuple[np.ndarray, np.ndarray]], save_all: Callable[[], None],
+           members: list[_Member], data: DataConfig, start: int, stop: int, total_steps: int,
+           heldout: np.ndarray | None, save_every_steps: int | None, save_every_seconds: float | None,
+           callback: Callable[[int], None] | None, progress: bool, bar: Any, interrupts: DeferredInterrupts) -> None:
     """The step loop of `_run_family`; returns at `stop`, raises KeyboardInterrupt between steps."""
     B = data.batch_size
     workspaces: dict[tuple[Any, ...], dict[str, torch.Tensor]] = {}
@@ -653,8 +701,7 @@ def _steps(acts: np.ndarray, members: list[_Member], data: DataConfig, stream: B
         if not active:
             bar.update()
             continue
-        idx = stream.indices(s)
-        raw = np.asarray(acts[idx])
+        idx, raw = batches(s)
         _check_finite(raw, f"at step {s}")
         h = batch_hash(idx, raw)
         host = torch.from_numpy(raw)
@@ -696,8 +743,7 @@ def _steps(acts: np.ndarray, members: list[_Member], data: DataConfig, stream: B
         due_steps = save_every_steps is not None and (s + 1) % save_every_steps == 0
         due_time = save_every_seconds is not None and now - last_save >= save_every_seconds
         if (due_steps or due_time) and s + 1 < total_steps:
-            for m in members:
-                m.save_resume_state()
+            save_all()
             last_save = time.perf_counter()
         interrupts.check()
 

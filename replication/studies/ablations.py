@@ -186,14 +186,20 @@ def sweep_overlaps(values: Sequence[Any], specs: Sequence[Any], threshold: float
 
     if len(values) != len(specs):
         raise ValueError(f"{len(values)} sweep values but {len(specs)} family specs")
+    from ..analysis.stability import untrained_pw_mcc
+
     families = list(families) if families is not None else seed_families(specs, progress=progress)
     out: dict[Any, Overlap] = {}
     for value, fam in zip(values, families):
-        s = fam.summary()
+        s, sp = fam.summary(), fam.spec
+        # PW-MCC's floor at this point's shape: the same seeds' untrained SAEs (no training, a few matchings)
+        floor = untrained_pw_mcc(sp.architecture, fam.cache.d_model, sp.n_latents,
+                                 sp.k if sp.architecture in ("topk", "batchtopk") else None, sp.seeds, n_boot=n_boot)
         out[value] = family_overlap(fam.directions, threshold, n_boot, l0=s["mean_l0"], fvu=s["mean_fvu"],
-                                    dead_fraction=s["mean_dead_fraction"], n_latents_sae=fam.spec.n_latents,
-                                    schedule_tokens=fam.spec.n_tokens,   # the budget of this point's own LR schedule
-                                    training_s=s["timings_s"].get("training_s"))
+                                    dead_fraction=s["mean_dead_fraction"], n_latents_sae=sp.n_latents,
+                                    schedule_tokens=sp.n_tokens,   # the budget of this point's own LR schedule
+                                    training_s=s["timings_s"].get("training_s"),
+                                    pw_mcc_untrained={"estimate": floor["estimate"], "ci95_seed": floor["ci95_seed"]})
     return out
 
 

@@ -248,13 +248,17 @@ def activation_stream(spec: FamilySpec, cache: ActivationCache, model=None):
                             store_dtype=spec.store_dtype, device=device)
 
 
-def seed_families(specs: Sequence[FamilySpec], progress: bool = True, model=None) -> list[SeedFamily]:
+def seed_families(specs: Sequence[FamilySpec], progress: bool = True, model=None, executor: Any = "env") -> list[SeedFamily]:
     """Build every family's activation cache, train (or load) all their SAEs, count held-out firing.
 
     Families that share a batch stream (same activations, hook, batch size, token budget and data
     seed) are trained together in one pass over the cache: each batch is read once and steps every
     SAE of every such family (sweeps over size, k, architecture or seed cost one read of the data).
     A cache with several hooks is built in one forward pass (list the hooks in `extra_hooks`).
+
+    `executor`: None trains here; a submitit executor (or "local" / "slurm", `executors.make_executor`)
+    gets one job per group of families sharing a batch stream, and the finished checkpoints are then loaded
+    here; "env" (the default) reads REPLICATION_EXECUTOR (unset: here). Activation caches are built here first.
     """
     from .sae.architectures import firing_counts
     from .sae.training import DataConfig, train_saes
@@ -269,6 +273,12 @@ def seed_families(specs: Sequence[FamilySpec], progress: bool = True, model=None
     groups: dict[tuple, list[int]] = {}
     for i, spec in enumerate(specs):
         groups.setdefault(_stream_key(spec), []).append(i)
+    if isinstance(executor, str):
+        from .executors import executor_from_env, make_executor
+
+        executor = executor_from_env() if executor == "env" else make_executor(executor)
+    if executor is not None:
+        _train_elsewhere(executor, specs, list(groups.values()), model, progress)
     families: list[SeedFamily | None] = [None] * len(specs)
     for indices in groups.values():
         first = specs[indices[0]]
@@ -305,6 +315,26 @@ def seed_families(specs: Sequence[FamilySpec], progress: bool = True, model=None
                                      {**timings, "firing_s": time.time() - start})
     by_identity = dict(zip(unique, families))
     return [by_identity[key] for key in identity]  # type: ignore[misc]
+
+
+def _train_elsewhere(executor: Any, specs: list[FamilySpec], groups: list[list[int]], model, progress: bool) -> None:
+    """Submit one job per group of families (one batch stream each) that has an unfinished seed; wait for all.
+
+    The activation caches are built here first, so that concurrent jobs never build the same cache twice.
+    """
+    from .executors import current_paths, train_job
+    from .sae.checkpoints import is_finished, seed_folder
+
+    jobs = []
+    for indices in groups:
+        group = [specs[i] for i in indices]
+        build_activation_cache(group[0].activation_settings(), device=group[0].resolved_device(), model=model,
+                               progress=progress)
+        if all(is_finished(seed_folder(family_dir(s), seed, s.hook)) for s in group for seed in s.seeds):
+            continue
+        jobs.append(executor.submit(train_job, group, current_paths()))
+    for job in jobs:
+        job.result()    # re-raises a job's error here, with its traceback
 
 
 def seed_family(spec: FamilySpec, progress: bool = True, model=None) -> SeedFamily:

@@ -629,7 +629,8 @@ def iter_batches(sae: SAEBase, activations: np.ndarray | Tensor, batch_size: int
     n_rows = int(activations.shape[0])
     for start in tqdm(range(0, n_rows, batch_size), desc=desc, disable=not progress, leave=False):
         chunk = activations[start:start + batch_size]
-        x = torch.as_tensor(np.asarray(chunk)) if not isinstance(chunk, Tensor) else chunk
+        # a read-only memmap slice is copied (np.array): torch warns on non-writable arrays, and the cast below copies anyway
+        x = torch.from_numpy(np.array(chunk)) if not isinstance(chunk, Tensor) else chunk
         x = x.to(device=target, dtype=sae.dtype)
         if scale != 1.0:
             x = x * scale

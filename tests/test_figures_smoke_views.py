@@ -20,7 +20,7 @@ def test_convergence_json_has_every_budget_with_intervals_and_fits():
     name = "16_convergence"
     n, want = smoke_numbers(name), declared(name)
     family = yaml.safe_load((paths.NOTEBOOKS_DIR / "params" / "family" / "smoke.yaml").read_text())
-    sizes = {family["n_latents"]: want["budgets"], want["small_n_latents"]: want["budgets"] + want["small_extra_budgets"]}
+    sizes = {family["n_latents"]: want["budgets"], want["small_n_latents"]: want["small_budgets"]}
     for size, budgets in sizes.items():
         points = sorted((p for p in n["points"] if p["n_latents"] == size), key=lambda p: p["budget"])
         assert [p["budget"] for p in points] == sorted(budgets)

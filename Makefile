@@ -96,6 +96,7 @@ bench: $(INSTALLED)  ## speed/memory benchmarks (prints ratios measured in one r
 	$(PY) bench/bench_training.py
 	$(PY) bench/bench_matching.py
 	$(PY) bench/bench_activations.py
+	$(PY) bench/bench_gpu.py
 
 example-report: $(INSTALLED)  ## figures/examples/: core-family seeds 0 and 1 exported to the SAELens layout, read back and compared
 	$(PY) -m replication example $(PROFILE) --out figures/examples/core_seed0_seed1

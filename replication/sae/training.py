@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from ..devices import resolve_device, resolve_dtype, torch_dtype
 from ..interrupts import DeferredInterrupts
 from ..io import atomic_path, read_json, settings_key
+from ..lm.streaming import STATE_FILE as STREAM_STATE_FILE
 from .architectures import ARCHITECTURES, UNIT_NORM_DECODER, SAEBase, build_sae, iter_batches
 from .checkpoints import TRAINING_INFO, load_sae, save_sae
 
@@ -49,7 +50,6 @@ PAPER_WARMUP_FRACTION = 1000 / 122_070
 
 SPARSIFY_DEAD_WINDOW = 10_000_000
 RESUME_FILE = "resume_state.pt"
-STREAM_STATE_FILE = "stream_state.npz"   # lm.streaming.STATE_FILE: a streamed family's position, in its first SAE's folder
 
 
 # ----------------------------------------------------------------------------------------------
@@ -659,7 +659,7 @@ def _run_family(acts: np.ndarray, members: list[_Member], data: DataConfig, tota
                 with contextlib.suppress(FileNotFoundError):
                     (m.out_dir / RESUME_FILE).unlink()
                 with contextlib.suppress(FileNotFoundError):
-                    (m.out_dir / STREAM_STATE_FILE).unlink()
+                    (m.out_dir / STREAM_STATE_FILE).unlink()   # a streamed family's position
             else:
                 folder, metrics = None, m.metrics(heldout)
         else:

@@ -162,7 +162,7 @@ def trajectory(architecture: str, family: Any, threshold: float = 0.7, n_boot: i
     return out
 
 
-def _view_difference(a: Overlap, b: Overlap, view: str) -> dict[str, Any]:
+def view_difference(a: Overlap, b: Overlap, view: str) -> dict[str, Any]:
     """b - a under one view, with the seed-level interval (independent bootstraps of the two families)."""
     if view != "pw_mcc":
         return compare_overlaps(a, b, view)
@@ -188,7 +188,7 @@ def ranking_agreement(final: Mapping[str, Overlap], views: Sequence[str] = ("pw_
                                             else final[a].mean(v))) for v in views}
     pairs = {}
     for a, b in itertools.combinations(archs, 2):
-        diffs = {v: _view_difference(final[a], final[b], v) for v in views}
+        diffs = {v: view_difference(final[a], final[b], v) for v in views}
         verdicts = {}
         for v in views:
             if v == reference:

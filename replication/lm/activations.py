@@ -231,6 +231,31 @@ def heldout_token_windows(cache: ActivationCache) -> tuple[np.ndarray, dict[str,
     return split_windows(cache, "heldout")
 
 
+def hook_rows(model, tokens: torch.Tensor, hooks: Sequence[str], skip: int, store: np.dtype, where: str = "",
+              remedy: str = "use store_dtype='float32'") -> dict[str, np.ndarray]:
+    """One forward pass (stopped after the last hook's layer): each hook's activations at positions >= `skip`
+    as `[rows, d_model]` in `store`, after checking them finite in float32 and in `store` (the activation
+    cache and `streaming.ActivationStream` both make their rows here, so they agree bit for bit)."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab(act: torch.Tensor, hook) -> None:
+        captured[hook.name] = act[:, skip:, :]
+
+    stop_at = max(parse_hook(h)[0] for h in hooks) + 1
+    model.run_with_hooks(tokens, fwd_hooks=[(h, grab) for h in hooks], stop_at_layer=stop_at)
+    out = {}
+    for hook in hooks:
+        act = captured[hook].reshape(-1, captured[hook].shape[-1]).float()
+        if not torch.isfinite(act).all():
+            raise FloatingPointError(f"non-finite activations at {hook}, {where}")
+        rows = act.cpu().numpy().astype(store)
+        if not np.isfinite(rows).all():
+            raise OverflowError(f"activations at {hook} reach |x| = {float(act.abs().max()):.3g}, beyond the range of "
+                                f"store_dtype {store.name!r}; {remedy}")
+        out[hook] = rows
+    return out
+
+
 def build_activation_cache(
     settings: ActivationSettings,
     device: str | torch.device = "cpu",
@@ -270,7 +295,6 @@ def build_activation_cache(
         seed=settings.corpus_seed, progress=progress,
     )
     d_model = model.cfg.d_model
-    stop_at = max(parse_hook(h)[0] for h in settings.hooks) + 1
     store = np.dtype(settings.store_dtype)
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(folder / "settings.json", asdict(settings))
@@ -295,12 +319,6 @@ def build_activation_cache(
     done_tokens = sum(min(int(c) * settings.batch_seqs * per_seq, plan[s][1]) for s, c in state["done"].items())
     bar = tqdm(total=total, initial=done_tokens, unit="tok", unit_scale=True, desc=f"caching {settings.model_name} activations",
                disable=not progress)
-    captured: dict[str, torch.Tensor] = {}
-
-    def grab(act: torch.Tensor, hook) -> None:
-        captured[hook.name] = act[:, skip:, :]
-
-    fwd_hooks = [(h, grab) for h in settings.hooks]
     # Models trained with a BOS token (Gemma) see it at position 0 of every window (it replaces the
     # window's last token, so shapes stay the same); skip_positions=1 then drops the BOS position.
     bos = model.tokenizer.bos_token_id if model.cfg.default_prepend_bos else None
@@ -316,20 +334,12 @@ def build_activation_cache(
                     return None  # type: ignore[return-value]
                 rows = seqs[chunk * settings.batch_seqs : (chunk + 1) * settings.batch_seqs]
                 batch = torch.from_numpy(model_windows(rows, bos)).to(device)
-                model.run_with_hooks(batch, fwd_hooks=fwd_hooks, stop_at_layer=stop_at)
                 lo = chunk * settings.batch_seqs * per_seq
                 hi = min(lo + len(batch) * per_seq, n_tok)
+                got = hook_rows(model, batch, settings.hooks, skip, store, where=f"{split} chunk {chunk}",
+                                remedy="rebuild with store_dtype='float32' (Gemma's residual stream needs it)")
                 for hook in settings.hooks:
-                    act = captured[hook].reshape(-1, d_model)[: hi - lo].float()
-                    if not torch.isfinite(act).all():
-                        raise FloatingPointError(f"non-finite activations at {hook}, {split} chunk {chunk}")
-                    stored = act.cpu().numpy().astype(store)
-                    if not np.isfinite(stored).all():
-                        raise OverflowError(
-                            f"activations at {hook} reach |x| = {float(act.abs().max()):.3g}, beyond the range of "
-                            f"store_dtype {store.name!r}; rebuild with store_dtype='float32' (Gemma's residual "
-                            f"stream needs it)")
-                    arrays[(hook, split)][lo:hi] = stored
+                    arrays[(hook, split)][lo:hi] = got[hook][: hi - lo]
                 for arr in arrays.values():
                     arr.flush()
                 state["done"][split] = chunk + 1

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..io import atomic_path
-from .activations import parse_hook
+from .activations import hook_rows, parse_hook
 
 STATE_FILE = "stream_state.npz"
 
@@ -37,7 +37,7 @@ class ActivationStream:
     def __init__(self, model: Any, windows: np.ndarray, hook: str, *, batch_size: int, skip_positions: int = 1,
                  data_seed: int = 0, buffer_tokens: int = 0, batch_seqs: int = 16, store_dtype: str = "float16",
                  device: str | torch.device = "cpu"):
-        layer, _ = parse_hook(hook)
+        parse_hook(hook)                  # the clear error for an unsupported hook
         windows = np.asarray(windows, np.int64)
         if windows.ndim != 2 or len(windows) == 0:
             raise ValueError(f"windows must be a non-empty [n_windows, seq_len] array, got shape {windows.shape}")
@@ -55,7 +55,6 @@ class ActivationStream:
         self.store = np.dtype(store_dtype)
         self.device = torch.device(device)
         self.d_model = int(model.cfg.d_model)
-        self.stop_at = layer + 1
         self.step = 0
         self.next_window = 0
         self.forward_passes = 0
@@ -106,20 +105,9 @@ class ActivationStream:
         n = len(self.windows)
         count = np.arange(self.next_window, self.next_window + self.batch_seqs)
         batch = torch.from_numpy(self.windows[count % n]).to(self.device)
-        captured: dict[str, torch.Tensor] = {}
-
-        def grab(act: torch.Tensor, hook: Any) -> None:
-            captured["x"] = act[:, self.skip:, :]
-
         with torch.inference_mode():
-            self.model.run_with_hooks(batch, fwd_hooks=[(self.hook, grab)], stop_at_layer=self.stop_at)
-        act = captured["x"].reshape(-1, self.d_model).float()
-        if not torch.isfinite(act).all():
-            raise FloatingPointError(f"non-finite activations at {self.hook} in windows {count[0]}..{count[-1]}")
-        rows = act.cpu().numpy().astype(self.store)
-        if not np.isfinite(rows).all():
-            raise OverflowError(f"activations at {self.hook} reach |x| = {float(act.abs().max()):.3g}, beyond the range "
-                                f"of store_dtype {self.store.name!r}; stream with store_dtype='float32'")
+            rows = hook_rows(self.model, batch, [self.hook], self.skip, self.store,
+                             where=f"windows {count[0]}..{count[-1]}", remedy="stream with store_dtype='float32'")[self.hook]
         ids = (count[:, None] * self.per_seq + np.arange(self.per_seq)[None, :]).reshape(-1)
         self._pending = (np.concatenate([self._pending[0], rows]), np.concatenate([self._pending[1], ids]))
         self.next_window += self.batch_seqs

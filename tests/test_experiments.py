@@ -78,3 +78,16 @@ def test_default_ablation_points_have_at_least_four_seeds() -> None:
         value = next(ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == key)
         override = (yaml.safe_load((paths.NOTEBOOKS_DIR / "params" / name / "default.yaml").read_text()) or {}).get(key)
         assert len(override or value) >= 4, (name, override or value)
+
+
+@pytest.mark.parametrize("profile", ["smoke", "default", "paper"])
+def test_figure5_architecture_panel_and_notebook_17_share_families(profile: str) -> None:
+    """Figure 5's architecture panel reuses notebook 17's families only if both train them at the same size
+    and budget: their `arch_n_latents` / `arch_n_tokens` must agree in every profile."""
+    def own(name: str) -> dict:
+        f = paths.NOTEBOOKS_DIR / "params" / name / f"{profile}.yaml"
+        return (yaml.safe_load(f.read_text()) or {}) if f.exists() else {}
+
+    a, b = own("07_fig5_layer_model_arch"), own("17_consistency_views")
+    for key in ("arch_n_latents", "arch_n_tokens"):
+        assert a.get(key) == b.get(key), (profile, key, a.get(key), b.get(key))

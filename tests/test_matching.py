@@ -226,7 +226,7 @@ def test_scipy_method_matches_fast():
 
 
 # --------------------------------------------------------------------------- SAE matching
-@pytest.mark.parametrize("method", ["fast", "scipy"])
+@pytest.mark.parametrize("method", ["fast", "scipy", "sparse"])
 def test_shuffled_sae_is_fully_shared_and_permutation_recovered(method):
     a = sae(96, 16, 0)
     perm = np.random.default_rng(1).permutation(96)

@@ -247,16 +247,23 @@ def match(
     method: str = "auto",
     cache_dir: Path | str | None = None,
     block_rows: int = 2048,
+    device: str | None = None,
 ) -> MatchResult:
     """Match SAE `a` (base) to SAE `b`: decoder and encoder separately, each the bijection
     maximising the summed cosine, plus the max-cosine baseline both ways.
 
+    `method`: "fast" (dense, certified), "scipy" (dense reference), "sparse" (certified, never holds
+    the n x n matrix: `sparse_assignment`; its candidate blocks run on `device`, "auto" = a GPU where
+    there is one), or "auto" (dense up to `DENSE_LIMIT_BYTES`, sparse above).
+
     With `cache=True` the result is read from / written to `cache_dir` (default
     `paths.MATCHINGS_DIR`); a cached b -> a matching is inverted. A corrupt or mismatching
     cache file triggers a warning and a recomputation, never a silently wrong answer.
-    Peak memory is one float32 n x n cosine matrix plus the solver's sub-problem.
+    Peak memory (dense routes) is one float32 n x n cosine matrix plus the solver's sub-problem.
     """
     _validate_pair(a, b)
+    if method not in ("auto", "fast", "scipy", "sparse"):
+        raise ValueError(f"method must be 'auto', 'fast', 'scipy' or 'sparse', got {method!r}")
     cdir = Path(cache_dir) if cache_dir is not None else paths.MATCHINGS_DIR
     if cache:
         for x, y, flip in ((a, b, False), (b, a, True)):
@@ -270,14 +277,22 @@ def match(
                 res = res.inverse() if flip else res
                 res.a_name, res.b_name = a.name, b.name
                 return res
-    res = _compute_match(a, b, method, block_rows)
+    res = _compute_match(a, b, method, block_rows, device)
     if cache:
         _save_cache(res, a, b, cdir)
     return res
 
 
-def _compute_match(a: LatentDirections, b: LatentDirections, method: str, block_rows: int) -> MatchResult:
+DENSE_LIMIT_BYTES = 8 * 2**30
+"""`method="auto"` switches to the sparse route above this size of one float32 n x n cosine matrix
+(8 GiB: n > 46,340; at 2^17 the dense matrix would need 64 GiB)."""
+
+
+def _compute_match(a: LatentDirections, b: LatentDirections, method: str, block_rows: int,
+                   device: str | None = None) -> MatchResult:
     n = a.n_latents
+    if method == "sparse" or (method == "auto" and 4 * n * n > DENSE_LIMIT_BYTES):
+        return _compute_match_sparse(a, b, device)
     buf = np.empty((n, n), np.float32)
     out: dict[str, np.ndarray] = {}
     info: dict[str, Any] = {}
@@ -301,6 +316,29 @@ def _compute_match(a: LatentDirections, b: LatentDirections, method: str, block_
         info[f"{tag}_n_fixed"] = r.info.get("n_fixed", 0)
         info[f"{tag}_total"] = r.total
     del buf
+    return MatchResult(a.name, b.name, a.content_hash, b.content_hash, info=info, **out)
+
+
+def _compute_match_sparse(a: LatentDirections, b: LatentDirections, device: str | None) -> MatchResult:
+    """Both matchings by the certified sparse route (`sparse_assignment.match_sparse`): no dense matrix."""
+    from ..devices import resolve_device
+    from .sparse_assignment import match_sparse
+
+    dev = resolve_device(device or "auto")
+    out: dict[str, np.ndarray] = {}
+    info: dict[str, Any] = {}
+    for part, tag in (("decoder", "dec"), ("encoder", "enc")):
+        r = match_sparse(getattr(a, part), getattr(b, part), device=dev)
+        out[f"{tag}_partner"] = r.col_for_row
+        out[f"{tag}_cos"] = r.values.astype(np.float32)
+        out[f"{tag}_max_cos"] = r.row_max.astype(np.float32)
+        out[f"{tag}_max_partner"] = r.row_arg.astype(np.int64)
+        out[f"{tag}_max_cos_rev"] = r.col_max.astype(np.float32)
+        out[f"{tag}_max_partner_rev"] = r.col_arg.astype(np.int64)
+        info[f"{tag}_solver"] = "sparse"
+        info[f"{tag}_t_solve"] = r.info["t_total"]
+        info[f"{tag}_rounds"] = len(r.info["rounds"])
+        info[f"{tag}_total"] = r.total
     return MatchResult(a.name, b.name, a.content_hash, b.content_hash, info=info, **out)
 
 

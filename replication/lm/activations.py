@@ -284,6 +284,10 @@ def build_activation_cache(
     for hook in settings.hooks:
         parse_hook(hook)
     if model is None:
+        from .hub import check_hub_inputs
+        from .models import EMBEDDED_MODELS
+
+        check_hub_inputs(settings.model_name, settings.corpus_sources, list(EMBEDDED_MODELS))
         model = load_model(settings.model_name, device=device, dtype=settings.model_dtype,
                            random_init=settings.random_init, random_seed=settings.random_seed)
     check_layers(settings.hooks, model.cfg.n_layers, settings.model_name)

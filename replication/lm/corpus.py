@@ -235,9 +235,17 @@ def build_corpus(
     (or raise if `strict`). Rebuilding with the same settings reuses the cache.
     """
 
+    from .hub import is_hub_source
+
+    hub = [s for s in sources if is_hub_source(s)]
+    if hub:
+        if len(sources) != 1:
+            raise ValueError(f"a hub corpus source is used alone, got {list(sources)}; use one 'hub:<dataset>' entry")
+        return _build_hub_corpus(tokenizer, tokenizer_name, hub[0], max_tokens, heldout_percent, progress)
     unknown = [s for s in sources if s not in SOURCES]
     if unknown:
-        raise ValueError(f"unknown corpus source(s) {unknown}; known: {sorted(SOURCES)}")
+        raise ValueError(f"unknown corpus source(s) {unknown}; known: {sorted(SOURCES)}, or 'hub:<owner>/<dataset>' "
+                         "(network)")
     caps = {**{n: s.default_cap_tokens for n, s in SOURCES.items()}, **(caps or {})}
     settings = {
         "tokenizer": tokenizer_name, "sources": list(sources), "max_tokens": max_tokens,
@@ -324,5 +332,73 @@ def build_corpus(
         "sha256": sha,
         "content_hash": hashlib.sha256((sha["train"] + sha["heldout"]).encode()).hexdigest()[:16],
     }
+    write_json_atomic(card_path, card)
+    return Corpus(folder, card)
+
+
+def _build_hub_corpus(tokenizer, tokenizer_name: str, source: str, max_tokens: int | None,
+                      heldout_percent: float, progress: bool, text_field: str = "text",
+                      documents: Callable[[str], Iterator[Document]] | None = None) -> Corpus:
+    """A corpus streamed from a hub dataset (`hub.hub_documents`), written to disk as it is tokenised.
+
+    Documents keep the dataset's own order (the Pile is shuffled already) and are never all in memory;
+    held-out membership is the same id hash as for the embedded sources. `max_tokens` (required: a
+    stream has no end) caps the training split; the held-out split gets its share on top."""
+    from .hub import hub_documents
+
+    if not max_tokens:
+        raise ValueError(f"corpus source {source!r} streams from the hub: set corpus_max_tokens (its training tokens)")
+    settings = {"tokenizer": tokenizer_name, "sources": [source], "max_tokens": int(max_tokens),
+                "heldout_percent": heldout_percent, "text_field": text_field, "format_version": 2}
+    folder = paths.CORPUS_DIR / f"{tokenizer_name}-{settings_key(settings)}"
+    card_path = folder / "card.json"
+    if card_path.exists():
+        return Corpus(folder, read_json(card_path))
+    folder.mkdir(parents=True, exist_ok=True)
+    token_dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max else np.uint32
+    eos = tokenizer.eos_token_id
+    counts = {"train": 0, "heldout": 0}
+    n_docs = {"train": 0, "heldout": 0}
+    heldout_target = max_tokens * heldout_percent / 100
+    docs = (documents or (lambda s: hub_documents(s, text_field=text_field)))(source)
+    bar = tqdm(total=int(max_tokens), desc=f"tokenising {source}", unit="tok", disable=not progress)
+    with atomic_path(folder / "train.bin") as tmp_train, atomic_path(folder / "heldout.bin") as tmp_held:
+        with open(tmp_train, "wb") as f_train, open(tmp_held, "wb") as f_held:
+            out = {"train": f_train, "heldout": f_held}
+            batch: list[Document] = []
+
+            def flush() -> None:
+                encoded = tokenizer([t for _, t in batch], add_special_tokens=False)["input_ids"]
+                for (doc_id, _), ids in zip(batch, encoded):
+                    split = "heldout" if _heldout(doc_id, heldout_percent) else "train"
+                    if (split == "train" and counts["train"] >= max_tokens) or (
+                            split == "heldout" and counts["heldout"] >= heldout_target):
+                        continue
+                    arr = np.asarray(ids + [eos], dtype=token_dtype)
+                    arr.tofile(out[split])
+                    counts[split] += len(arr)
+                    n_docs[split] += 1
+                    if split == "train":
+                        bar.update(len(arr))
+                batch.clear()
+
+            for doc in docs:
+                batch.append(doc)
+                if len(batch) == 256:
+                    flush()
+                    if counts["train"] >= max_tokens and counts["heldout"] >= heldout_target:
+                        break
+            if batch:
+                flush()
+    bar.close()
+    if counts["train"] == 0:
+        raise MissingSourceError(f"corpus source {source!r} gave no documents with a {text_field!r} field")
+    sha = {split: sha256_file(folder / f"{split}.bin") for split in ("train", "heldout")}
+    card = {"settings": settings, "token_dtype": np.dtype(token_dtype).name, "tokens": counts,
+            "tokens_per_source": {split: {source: c} for split, c in counts.items()},
+            "documents_per_source": {split: {source: c} for split, c in n_docs.items()},
+            "sources": {source: {"licence": "see the dataset card on the hub", "description": source}},
+            "missing_sources": {}, "sha256": sha,
+            "content_hash": hashlib.sha256((sha["train"] + sha["heldout"]).encode()).hexdigest()[:16]}
     write_json_atomic(card_path, card)
     return Corpus(folder, card)

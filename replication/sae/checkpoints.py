@@ -87,7 +87,9 @@ def save_sae(sae: SAEBase, run_dir: Path | str, hookpoint: str = "layer",
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in sae.state_dict().items()}
     with atomic_path(folder / SPARSIFY_WEIGHTS) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "architecture": sae.architecture})
+        # one metadata key: safetensors writes a map's keys in a per-process random order, so two keys would
+        # make equal SAEs differ in file bytes (and sae_sha256) between processes; the architecture is in cfg.json
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     write_json_atomic(folder / SPARSIFY_CFG, sae.cfg_dict())
     info = dict(training_info or {})
     info["sae_sha256"] = sha256_file(folder / SPARSIFY_WEIGHTS)

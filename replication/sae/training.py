@@ -528,6 +528,7 @@ def train_saes(
     save_every_seconds: float | None = 600.0,
     callback: Callable[[int], None] | None = None,
     init_from: Sequence[Any | None] | None = None,
+    batch_source: Callable[[int], tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> list[TrainResult]:
     """Train every SAE in `configs` on one shared batch stream (each batch is read once).
 
@@ -542,6 +543,8 @@ def train_saes(
     `callback(step)` runs after every step (monitoring; tests use it to simulate a crash).
     `init_from` (one SAE or None per config) starts from given weights instead of the seeded
     initialisation, for fine-tuning; such runs are not cached, so it needs `out_dirs=None`.
+    `batch_source(step)` -> (row ids, rows) replaces the default read of step `step`'s batch (it must return
+    exactly that batch; `replication.distributed` passes a sharded read + all-gather over ranks).
     """
     acts = activations if _is_stream(activations) else _as_array(activations, "activation")
     if heldout is not None:
@@ -584,7 +587,7 @@ def train_saes(
 
     if members:
         _run_family(acts, members, data, total_steps, heldout, max_steps, save_every_steps, save_every_seconds,
-                    callback, progress)
+                    callback, progress, batch_source)
     for member in members:
         results[member.index] = member.result
     return results  # type: ignore[return-value]
@@ -614,10 +617,13 @@ def _load_finished(out_dir: Path, cfg: TrainConfig, data: DataConfig, key: str) 
 
 def _run_family(acts: np.ndarray, members: list[_Member], data: DataConfig, total_steps: int,
                 heldout: np.ndarray | None, max_steps: int | None, save_every_steps: int | None,
-                save_every_seconds: float | None, callback: Callable[[int], None] | None, progress: bool) -> None:
+                save_every_seconds: float | None, callback: Callable[[int], None] | None, progress: bool,
+                batch_source: Callable[[int], tuple[np.ndarray, np.ndarray]] | None = None) -> None:
 
     start = min(m.step for m in members)
-    if _is_stream(acts):
+    if batch_source is not None:
+        batches = batch_source
+    elif _is_stream(acts):
         batches = _stream_batches(acts, members, start)
     else:
         stream = BatchStream(acts.shape[0], data.batch_size, data.data_seed)

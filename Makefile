@@ -95,6 +95,7 @@ bench: $(INSTALLED)  ## speed/memory benchmarks (prints ratios measured in one r
 	$(PY) bench/bench_dtypes.py
 	$(PY) bench/bench_training.py
 	$(PY) bench/bench_matching.py
+	$(PY) bench/bench_matching_sparse.py
 	$(PY) bench/bench_activations.py
 	$(PY) bench/bench_gpu.py
 

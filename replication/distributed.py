@@ -45,11 +45,11 @@ from .sae.training import (
     DataConfig,
     TrainConfig,
     TrainResult,
-    _as_array,
-    _is_stream,
-    _validate,
+    as_array,
+    is_stream,
     resolve_config,
     train_saes,
+    validate_inputs,
 )
 
 Batch = tuple[np.ndarray, np.ndarray]
@@ -258,16 +258,16 @@ def train_saes_distributed(
     configs = list(configs)
     mine = owned_indices(len(configs), rank, world)
     paths = [Path(p) for p in out_dirs] if out_dirs is not None else None
-    if _is_stream(activations):
+    if is_stream(activations):
         if not isinstance(activations, ShardedActivationStream):
             raise TypeError("a streamed family across ranks needs a ShardedActivationStream "
                             "(ShardedActivationStream.of(stream)): a plain stream runs every forward on every rank")
         acts: Any = activations
         read: Callable[[int], Batch] = StreamReader(acts, paths or [])
     else:
-        acts = _as_array(activations, "activation")
+        acts = as_array(activations, "activation")
         read = CachedShardReader(acts, data)
-    _validate(acts, [resolve_config(c) for c in configs], data, paths)   # the same error on every rank, up front
+    validate_inputs(acts, [resolve_config(c) for c in configs], data, paths)   # the same error on every rank, up front
     batches = LockstepBatches(read)
     try:
         local = train_saes(acts, [configs[i] for i in mine], data,
@@ -336,13 +336,13 @@ def train_family_distributed(spec: Any, device: str, progress: bool = True) -> l
     """Train the seeds of `experiments.FamilySpec` `spec` on this rank's `device`, in the family folder of
     `experiments.family_dir(spec)` (where `experiments.seed_family` on that device kind finds them).
     Rank 0 builds the activation cache (the others wait for it); then every rank trains its seeds."""
-    from .experiments import _check_source, _train_configs, activation_stream, family_dir
+    from .experiments import activation_stream, check_source, family_dir, train_configs
     from .lm.activations import build_activation_cache, cache_folder
     from .sae.checkpoints import seed_dir
 
     rank, _ = require_process_group()
     spec = replace(spec, device=device)
-    _check_source(spec)
+    check_source(spec)
     settings = spec.activation_settings()
     if rank == 0:
         build_activation_cache(settings, device=device, progress=progress)
@@ -363,7 +363,7 @@ def train_family_distributed(spec: Any, device: str, progress: bool = True) -> l
                       input_scale=cache.input_scale(hook), hookpoint=hook, activations_hash=source_hash,
                       model_dtype=cache.model_dtype)
     root = family_dir(spec)
-    return train_saes_distributed(source, _train_configs(spec), data, [seed_dir(root, s) for s in spec.seeds],
+    return train_saes_distributed(source, train_configs(spec), data, [seed_dir(root, s) for s in spec.seeds],
                                   progress=progress and rank == 0, heldout=cache.heldout(hook))
 
 

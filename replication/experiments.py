@@ -200,7 +200,8 @@ def family_dir(spec: FamilySpec) -> Path:
     return paths.CHECKPOINTS_DIR / f"{tag}-{spec.training_key()}"
 
 
-def _train_configs(spec: FamilySpec):
+def train_configs(spec: FamilySpec) -> list:
+    """One `TrainConfig` per seed of `spec` (dtypes and device resolved): what `seed_families` trains."""
     from .sae.training import TrainConfig, learning_rate
 
     lr = learning_rate(spec.n_latents, spec.lr_scale, spec.lr)
@@ -219,7 +220,8 @@ def _stream_key(spec: FamilySpec) -> tuple:
             spec.resolved_device(), spec.activation_source, spec.stream_buffer_tokens)
 
 
-def _check_source(spec: FamilySpec) -> None:
+def check_source(spec: FamilySpec) -> None:
+    """Reject an unknown `activation_source`, a stream without a budget, or a buffer smaller than a batch."""
     if spec.activation_source not in ("cache", "stream"):
         raise ValueError(f"activation_source {spec.activation_source!r}: choose 'cache' or 'stream'")
     if spec.activation_source == "stream" and spec.n_tokens is None:
@@ -265,7 +267,7 @@ def seed_families(specs: Sequence[FamilySpec], progress: bool = True, model=None
 
     requested = list(specs)
     for spec in requested:
-        _check_source(spec)
+        check_source(spec)
     # a family listed twice (e.g. where two sweeps cross) trains once
     identity = [(family_dir(s), s.seeds, s.checkpoint_at_tokens, s.extra_hooks) for s in requested]
     unique = dict(zip(identity, requested))
@@ -299,7 +301,7 @@ def seed_families(specs: Sequence[FamilySpec], progress: bool = True, model=None
         configs, out_dirs, owner = [], [], []
         for i in indices:
             root = family_dir(specs[i])
-            for cfg, seed in zip(_train_configs(specs[i]), specs[i].seeds):
+            for cfg, seed in zip(train_configs(specs[i]), specs[i].seeds):
                 configs.append(cfg)
                 out_dirs.append(seed_dir(root, seed))
                 owner.append(i)

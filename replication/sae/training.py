@@ -225,7 +225,8 @@ def stream_hash(hashes: Sequence[str]) -> str:
     return hashlib.sha256("".join(hashes).encode()).hexdigest()[:16]
 
 
-def _as_array(activations: Any, what: str) -> np.ndarray:
+def as_array(activations: Any, what: str) -> np.ndarray:
+    """`activations` (numpy or torch) as a 2-D numpy array, or a clear error naming `what` it should be."""
     if isinstance(activations, torch.Tensor):
         activations = activations.detach().cpu().numpy()
     if not isinstance(activations, np.ndarray):
@@ -251,7 +252,7 @@ def _check_finite(raw: np.ndarray, where: str) -> None:
 def evaluate_sae(sae: SAEBase, activations: np.ndarray, batch_size: int = 4096,
                  input_scale: float | None = None) -> dict[str, float]:
     """FVU (global mean and variance over all rows), mean L0 and fraction of never-fired latents."""
-    acts = _as_array(activations, "held-out activations")
+    acts = as_array(activations, "held-out activations")
     if acts.shape[1] != sae.d_in:
         raise ValueError(f"held-out activation width {acts.shape[1]} != d_in {sae.d_in}")
     device = sae.device
@@ -445,18 +446,20 @@ class _Member:
 # ----------------------------------------------------------------------------------------------
 # validation
 # ----------------------------------------------------------------------------------------------
-def _is_stream(activations: Any) -> bool:
+def is_stream(activations: Any) -> bool:
     """An `lm.streaming.ActivationStream` (or anything with its interface): batches made on the fly."""
     return hasattr(activations, "next_batch") and hasattr(activations, "d_model")
 
 
-def _validate(activations: Any, configs: Sequence[TrainConfig], data: DataConfig,
-              out_dirs: Sequence[Path] | None) -> tuple[int, int]:
+def validate_inputs(activations: Any, configs: Sequence[TrainConfig], data: DataConfig,
+                    out_dirs: Sequence[Path] | None) -> tuple[int, int]:
+    """Check a family's inputs before any work (clear errors naming the problem); returns (n_rows, d_in).
+    `train_saes` and `distributed.train_saes_distributed` both call it, on every rank."""
     if not configs:
         raise ValueError("no TrainConfig given")
     if data.batch_size <= 0:
         raise ValueError(f"batch_size must be positive; got {data.batch_size}")
-    if _is_stream(activations):
+    if is_stream(activations):
         if data.n_tokens is None:
             raise ValueError("a streamed family needs DataConfig.n_tokens: a stream has no end to define an epoch")
         if activations.batch_size != data.batch_size:
@@ -546,12 +549,12 @@ def train_saes(
     `batch_source(step)` -> (row ids, rows) replaces the default read of step `step`'s batch (it must return
     exactly that batch; `replication.distributed` passes a sharded read + all-gather over ranks).
     """
-    acts = activations if _is_stream(activations) else _as_array(activations, "activation")
+    acts = activations if is_stream(activations) else as_array(activations, "activation")
     if heldout is not None:
-        heldout = _as_array(heldout, "held-out activations")
+        heldout = as_array(heldout, "held-out activations")
     configs = [resolve_config(c) for c in configs]
     paths = [Path(p) for p in out_dirs] if out_dirs is not None else None
-    d_in, total_steps = _validate(acts, configs, data, paths)
+    d_in, total_steps = validate_inputs(acts, configs, data, paths)
     if heldout is not None and heldout.shape[1] != d_in:
         raise ValueError(f"held-out activation width {heldout.shape[1]} != activation width {d_in}")
     if init_from is not None:
@@ -623,7 +626,7 @@ def _run_family(acts: np.ndarray, members: list[_Member], data: DataConfig, tota
     start = min(m.step for m in members)
     if batch_source is not None:
         batches = batch_source
-    elif _is_stream(acts):
+    elif is_stream(acts):
         batches = _stream_batches(acts, members, start)
     else:
         stream = BatchStream(acts.shape[0], data.batch_size, data.data_seed)
@@ -635,7 +638,7 @@ def _run_family(acts: np.ndarray, members: list[_Member], data: DataConfig, tota
     def save_all() -> None:
         for m in members:
             m.save_resume_state()
-        if _is_stream(acts) and members[0].out_dir is not None:
+        if is_stream(acts) and members[0].out_dir is not None:
             acts.save(members[0].out_dir)
 
     stop = total_steps if max_steps is None else min(total_steps, start + int(max_steps))
@@ -672,7 +675,7 @@ def _run_family(acts: np.ndarray, members: list[_Member], data: DataConfig, tota
             m.save_resume_state()
             folder, metrics = None, m.metrics(heldout)
         m.result = m.make_result(metrics, folder)
-    if _is_stream(acts) and members[0].out_dir is not None and not members[0].finished:
+    if is_stream(acts) and members[0].out_dir is not None and not members[0].finished:
         acts.save(members[0].out_dir)
 
 

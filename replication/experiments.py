@@ -324,17 +324,18 @@ def _train_elsewhere(executor: Any, specs: list[FamilySpec], groups: list[list[i
 
     The activation caches are built here first, so that concurrent jobs never build the same cache twice.
     """
-    from .executors import current_paths, train_job
+    from .executors import current_paths, threads_per_local_job, train_job
     from .sae.checkpoints import is_finished, seed_folder
 
-    jobs = []
+    pending = []
     for indices in groups:
         group = [specs[i] for i in indices]
         build_activation_cache(group[0].activation_settings(), device=group[0].resolved_device(), model=model,
                                progress=progress)
-        if all(is_finished(seed_folder(family_dir(s), seed, s.hook)) for s in group for seed in s.seeds):
-            continue
-        jobs.append(executor.submit(train_job, group, current_paths()))
+        if not all(is_finished(seed_folder(family_dir(s), seed, s.hook)) for s in group for seed in s.seeds):
+            pending.append(group)
+    threads = threads_per_local_job(executor, len(pending))
+    jobs = [executor.submit(train_job, group, current_paths(), threads) for group in pending]
     for job in jobs:
         job.result()    # re-raises a job's error here, with its traceback
 

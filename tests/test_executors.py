@@ -41,3 +41,14 @@ def test_executor_choice_is_checked(monkeypatch) -> None:
     monkeypatch.setenv("REPLICATION_EXECUTOR", "cloud")
     with pytest.raises(ValueError, match="unknown executor"):
         experiments.seed_families(_specs(), progress=False)
+
+
+def test_local_jobs_share_out_the_cores(tmp_path, monkeypatch) -> None:
+    """Concurrent local jobs get this machine's cores divided between them (oversubscribed OpenMP threads made
+    small training kernels ~100x slower here); Slurm jobs keep their own cores (None)."""
+    from replication.executors import make_executor, threads_per_local_job
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    local = make_executor("local", tmp_path)
+    assert [threads_per_local_job(local, n) for n in (1, 2, 3, 16)] == [8, 4, 2, 1]
+    assert threads_per_local_job(None, 4) is None

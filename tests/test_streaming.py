@@ -140,7 +140,7 @@ def test_stream_equals_the_cache_for_the_same_windows(tmp_data, smol_model) -> N
     np.testing.assert_array_equal(rows, np.asarray(cache.train("blocks.3.hook_mlp_out")))
 
 
-def test_streamed_seed_family_trains_with_shared_batches_and_keeps_cached_keys() -> None:
+def test_streamed_seed_family_trains_with_shared_batches_and_keeps_cached_keys(smol_model) -> None:
     """`activation_source: stream` through `experiments.seed_family`: every seed reads the same streamed batches;
     the cached families' keys are unchanged by the new settings (their checkpoints stay valid)."""
     import dataclasses
@@ -153,7 +153,9 @@ def test_streamed_seed_family_trains_with_shared_batches_and_keeps_cached_keys()
     spec = experiments.FamilySpec.from_profile("smoke", activation_source="stream", stream_buffer_tokens=1024,
                                                n_latents=32, seeds=(0, 1), n_tokens=256 * 12, checkpoint_at_tokens=())
     assert spec.training_key() != dataclasses.replace(spec, activation_source="cache", stream_buffer_tokens=0).training_key()
-    family = experiments.seed_family(spec, progress=False)
+    # the session's float32 model where the stream wants float32 (the float32 path): one model load fewer
+    model = smol_model if spec.resolved_dtypes()["model"] == "float32" else None
+    family = experiments.seed_family(spec, progress=False, model=model)
     infos = [read_json(r.checkpoint_dir / "training.json") for r in family.results]
     assert infos[0]["data_stream_sha256"] == infos[1]["data_stream_sha256"] and infos[0]["n_batches"] == 12
     assert infos[0]["data_hash"].startswith("stream-")

@@ -336,7 +336,7 @@ def train_family_distributed(spec: Any, device: str, progress: bool = True) -> l
     """Train the seeds of `experiments.FamilySpec` `spec` on this rank's `device`, in the family folder of
     `experiments.family_dir(spec)` (where `experiments.seed_family` on that device kind finds them).
     Rank 0 builds the activation cache (the others wait for it); then every rank trains its seeds."""
-    from .experiments import activation_stream, check_source, family_dir, train_configs
+    from .experiments import check_source, family_data, family_dir, train_configs
     from .lm.activations import build_activation_cache, cache_folder
     from .sae.checkpoints import seed_dir
 
@@ -353,15 +353,9 @@ def train_family_distributed(spec: Any, device: str, progress: bool = True) -> l
     dist.barrier()
     cache = build_activation_cache(settings, device=device, progress=False)   # reuses the finished cache
     hook = spec.hook
+    source, data = family_data(spec, cache)
     if spec.activation_source == "stream":
-        stream = activation_stream(spec, cache)
-        source: Any = ShardedActivationStream.of(stream)
-        source_hash = f"stream-{stream.fingerprint()}"
-    else:
-        source, source_hash = cache.train(hook), cache.content_hash(hook)
-    data = DataConfig(batch_size=spec.batch_size, n_tokens=spec.n_tokens, data_seed=spec.data_seed,
-                      input_scale=cache.input_scale(hook), hookpoint=hook, activations_hash=source_hash,
-                      model_dtype=cache.model_dtype)
+        source = ShardedActivationStream.of(source)
     root = family_dir(spec)
     return train_saes_distributed(source, train_configs(spec), data, [seed_dir(root, s) for s in spec.seeds],
                                   progress=progress and rank == 0, heldout=cache.heldout(hook))

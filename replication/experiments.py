@@ -250,6 +250,23 @@ def activation_stream(spec: FamilySpec, cache: ActivationCache, model=None):
                             store_dtype=spec.store_dtype, device=device)
 
 
+def family_data(spec: FamilySpec, cache: ActivationCache, model=None) -> tuple[Any, Any]:
+    """(training source, DataConfig) of a family: the cached train split, or the activation stream, with the
+    hash that names it; `seed_families` and `distributed.train_family_distributed` both train on these."""
+    from .sae.training import DataConfig
+
+    hook = spec.hook
+    if spec.activation_source == "stream":
+        source: Any = activation_stream(spec, cache, model)
+        source_hash = f"stream-{source.fingerprint()}"
+    else:
+        source, source_hash = cache.train(hook), cache.content_hash(hook)
+    data = DataConfig(batch_size=spec.batch_size, n_tokens=spec.n_tokens, data_seed=spec.data_seed,
+                      input_scale=cache.input_scale(hook), hookpoint=hook, activations_hash=source_hash,
+                      model_dtype=cache.model_dtype)
+    return source, data
+
+
 def seed_families(specs: Sequence[FamilySpec], progress: bool = True, model=None, executor: Any = "env") -> list[SeedFamily]:
     """Build every family's activation cache, train (or load) all their SAEs, count held-out firing.
 
@@ -263,7 +280,7 @@ def seed_families(specs: Sequence[FamilySpec], progress: bool = True, model=None
     here; "env" (the default) reads REPLICATION_EXECUTOR (unset: here). Activation caches are built here first.
     """
     from .sae.architectures import firing_counts
-    from .sae.training import DataConfig, train_saes
+    from .sae.training import train_saes
 
     requested = list(specs)
     for spec in requested:
@@ -290,14 +307,7 @@ def seed_families(specs: Sequence[FamilySpec], progress: bool = True, model=None
         cache = build_activation_cache(first.activation_settings(), device=device, model=model, progress=progress)
         timings["activations_s"] = time.time() - start
         hook = first.hook
-        if first.activation_source == "stream":
-            source = activation_stream(first, cache, model)
-            source_hash = f"stream-{source.fingerprint()}"
-        else:
-            source, source_hash = cache.train(hook), cache.content_hash(hook)
-        data = DataConfig(batch_size=first.batch_size, n_tokens=first.n_tokens, data_seed=first.data_seed,
-                          input_scale=cache.input_scale(hook), hookpoint=hook, activations_hash=source_hash,
-                          model_dtype=cache.model_dtype)
+        source, data = family_data(first, cache, model)
         configs, out_dirs, owner = [], [], []
         for i in indices:
             root = family_dir(specs[i])

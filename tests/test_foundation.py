@@ -220,3 +220,33 @@ def test_concurrent_conversions_run_once(tmp_path, monkeypatch):
     for t in threads:
         t.join()
     assert calls == ["gemma-3-270m"] and len(set(results)) == 1
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_one_call_weight_load_equals_transformer_lens_key_by_key(dtype):
+    """`models._load_unprocessed` (one `load_state_dict`) leaves exactly the parameters and buffers that TL's
+    `load_and_process_state_dict` (key by key, every processing step off) leaves, on a small gated-MLP model
+    with rotary attention and untied unembedding, like the embedded ones."""
+    import torch
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from replication.lm.models import _load_unprocessed
+
+    cfg = HookedTransformerConfig(n_layers=2, d_model=16, d_head=4, n_heads=4, d_mlp=32, d_vocab=50, n_ctx=8,
+                                  act_fn="silu", gated_mlp=True, normalization_type="RMS", positional_embedding_type="rotary",
+                                  init_weights=False, dtype=getattr(torch, dtype))
+    torch.manual_seed(0)
+    source = {k: torch.randn_like(v, dtype=torch.float32).to(v.dtype) for k, v in HookedTransformer(cfg).state_dict().items()
+              if not k.endswith(("rotary_sin", "rotary_cos", ".mask", "IGNORE"))}
+    source.pop("blocks.1.attn.b_O")     # a missing key: both fill it the same way
+    ours, theirs = HookedTransformer(cfg), HookedTransformer(cfg)
+    _load_unprocessed(ours, dict(source))
+    theirs.load_and_process_state_dict(dict(source), fold_ln=False, center_writing_weights=False, center_unembed=False,
+                                       fold_value_biases=False, refactor_factored_attn_matrices=False)
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys()
+    assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(a["blocks.0.mlp.W_gate"], source["blocks.0.mlp.W_gate"])   # loaded, not left at init
+    source.pop("blocks.0.mlp.W_gate")   # TL refuses a missing weight matrix (a silently dead sublayer); so do we
+    with pytest.raises(Exception, match="W_gate"):
+        _load_unprocessed(HookedTransformer(cfg), dict(source))

@@ -233,7 +233,7 @@ def load_model(
     if name in EMBEDDED_MODELS:
         spec = EMBEDDED_MODELS[name]
         folder = convert_embedded(name)
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        tokenizer = _tokenizer_with_bos(AutoTokenizer, folder)
         n_ctx = n_ctx or spec.n_ctx
         source = spec.tl_config_name or str(folder)
         if random_init:
@@ -285,6 +285,19 @@ def model_config(name: str = DEFAULT_MODEL):
                                  f"embedded model: {sorted(EMBEDDED_MODELS)}") from err
 
 
+def _tokenizer_with_bos(auto_tokenizer, folder: Path):
+    """The tokenizer as TransformerLens keeps it (`add_bos_token=True` where there is a BOS token), loaded once.
+
+    Given a plain one, TL loads it again with that flag (`get_tokenizer_with_bos`): for Gemma's 262k-token
+    vocabulary that second load cost ~3.5 s of every model load. Given this one, TL keeps it as it is.
+    """
+    try:
+        tokenizer = auto_tokenizer.from_pretrained(str(folder), add_bos_token=True)
+    except ValueError:   # no BOS token to add (transformers refuses the flag): TL keeps the plain tokenizer too
+        return auto_tokenizer.from_pretrained(str(folder))
+    return tokenizer if tokenizer.bos_token is not None else auto_tokenizer.from_pretrained(str(folder))
+
+
 def _local_config(source: str, n_ctx: int, prepend_bos: bool, device, dtype: str):
     """TransformerLens config from a local HF folder, or from an official name whose config TL
     builds without a download (TL's `from_pretrained` itself only takes hub names)."""
@@ -306,13 +319,27 @@ def _local_model(folder: Path, cfg, tokenizer):
     state_dict = loading.get_pretrained_state_dict(str(folder), cfg, hf, dtype=cfg.dtype)
     del hf
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-    model.load_and_process_state_dict(
-        state_dict, fold_ln=False, center_writing_weights=False, center_unembed=False,
-        fold_value_biases=False, refactor_factored_attn_matrices=False,
-    )
+    _load_unprocessed(model, state_dict)
     model.to(cfg.device)
     model.eval()
     return model
+
+
+def _load_unprocessed(model, state_dict: dict[str, torch.Tensor]) -> None:
+    """TransformerLens's `load_and_process_state_dict` with every processing step off, in one `load_state_dict`.
+
+    TL loads key by key (each call walks the whole module tree: ~540k `_load_from_state_dict` calls for
+    SmolLM2, ~2.5 s of a 3.5 s load on a 2-core CPU). The same missing-key filling and the same
+    `process_weights` pass run first, so the parameters are identical (tests/test_foundation.py).
+    """
+    from transformer_lens.weight_processing import ProcessWeights
+
+    state_dict = model.fill_missing_keys(state_dict)
+    state_dict = ProcessWeights.process_weights(
+        state_dict, model.cfg, fold_ln=False, center_writing_weights=False, center_unembed=False,
+        fold_value_biases=False, refactor_factored_attn_matrices=False,
+    )
+    model.load_state_dict(state_dict, strict=False)
 
 
 def _random_like(cfg, tokenizer, seed: int, device, dtype: str):

@@ -90,6 +90,11 @@ def test_next_coefficient_interpolates_a_power_law():
     assert ablations._next_coefficient([(0.5, 10.0)], 20.0) == pytest.approx(0.25)
     with pytest.raises(ValueError, match="positive L0"):
         ablations._next_coefficient([(0.1, 0.0)], 5.0)
+    # an L0 that does not respond to the penalty (JumpReLU whose thresholds cannot move): one decade further per
+    # round, not an overflow (the default run of notebook 17 died of `math.exp` on such a history)
+    flat = [(0.001, 511.756), (0.003, 511.757), (0.01, 511.756), (0.03, 511.7561)]
+    assert ablations._next_coefficient(flat, 32.0) == pytest.approx(0.3)
+    assert ablations._next_coefficient([(0.1, 40.0), (0.3, 39.99)], 32.0) == pytest.approx(3.0)
     assert math.isfinite(ablations._next_coefficient([(0.1, 5.0), (0.2, 9.0)], 7.0))  # wrong slope: safe step
 
 

@@ -146,6 +146,25 @@ def test_gated_aux_loss_uses_frozen_decoder() -> None:
     assert float(stats["l0"]) == 0.0
 
 
+def test_jumprelu_scales_with_the_input_norm() -> None:
+    """The paper's bandwidth and initial threshold (0.001 at unit mean squared input norm) in our units (mean squared
+    norm d_in): on such inputs a fresh SAE's kernel window catches pre-activations, so its thresholds get a gradient;
+    with the unscaled 0.001 at d 576 most latents get none (the failure that kept every latent firing)."""
+    d, n = 576, 64
+    x = torch.randn(1024, d)                               # mean squared norm ~ d, as the caches are normalised
+    scaled = JumpReLUSAE(d, n, seed=0)
+    assert scaled.bandwidth == pytest.approx(0.001 * d ** 0.5) and scaled.init_threshold == scaled.bandwidth
+    unscaled = JumpReLUSAE(d, n, seed=0, bandwidth=0.001, init_threshold=0.001)
+    in_window = []    # the share of (token, latent) pre-activations inside the kernel: the only route of the L0 gradient
+    for sae in (scaled, unscaled):
+        pre = F.relu(F.linear(x - sae.b_dec, sae.encoder.weight, sae.encoder.bias)).detach()
+        in_window.append(float(((pre - sae.init_threshold).abs() < sae.bandwidth / 2).float().mean()))
+        loss, _ = sae.training_loss(x, l1_coefficient=1.0)
+        loss.backward()
+        assert torch.count_nonzero(sae.log_threshold.grad) > 0
+    assert in_window[0] > 10 * in_window[1] and in_window[1] < 1e-3, in_window
+
+
 def test_jumprelu_threshold_gets_straight_through_gradient() -> None:
     sae = JumpReLUSAE(D_IN, N_LAT, seed=0, bandwidth=0.5, init_threshold=0.2)
     loss, _ = sae.training_loss(torch.randn(64, D_IN), l1_coefficient=1.0)

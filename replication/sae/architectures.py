@@ -539,20 +539,28 @@ class JumpReLUSAE(SAEBase):
     """JumpReLU SAE (Rajamanoharan et al. 2024b): z = pre * H(pre - exp(log_threshold)).
 
     Loss: FVU + l1_coefficient * mean L0 (straight-through estimator, rectangle kernel of
-    width `bandwidth` in units of the input scale). Encoder/decoder init as the others;
-    thresholds start at `init_threshold`.
+    width `bandwidth`). Encoder/decoder init as the others; thresholds start at `init_threshold`.
+
+    The paper's 0.001 for both is in units of inputs with unit mean squared norm; ours are
+    normalised to mean squared norm `d_in` (`ActivationCache.input_scale`), so pre-activations are
+    ~sqrt(d_in) larger and the defaults are `PAPER_SCALE * sqrt(d_in)`. With 0.001 itself (24x too
+    small at d 576) almost no pre-activation falls inside the kernel, the thresholds cannot move in a
+    run of a few thousand steps, and every latent ends up firing (held-out L0 511.8 of 512 at any
+    penalty on the default profile). Saved SAEs keep their values in cfg.json.
     """
 
     architecture = "jumprelu"
+    PAPER_SCALE = 0.001
 
     def __init__(self, d_in: int, n_latents: int, *, seed: int | None = None, device: str | torch.device = "cpu",
                  dtype: torch.dtype | str | None = None, normalize_decoder: bool = False, input_scale: float = 1.0,
-                 bandwidth: float = 0.001, init_threshold: float = 0.001):
+                 bandwidth: float | None = None, init_threshold: float | None = None):
         super().__init__(d_in, n_latents, normalize_decoder=normalize_decoder, input_scale=input_scale)
-        self.bandwidth = float(bandwidth)
-        self.init_threshold = float(init_threshold)
+        scaled = self.PAPER_SCALE * math.sqrt(d_in)
+        self.bandwidth = float(scaled if bandwidth is None else bandwidth)
+        self.init_threshold = float(scaled if init_threshold is None else init_threshold)
         dtype = self._create_weights(True, device, dtype)
-        self.log_threshold = nn.Parameter(torch.full((n_latents,), math.log(init_threshold), device=device, dtype=dtype))
+        self.log_threshold = nn.Parameter(torch.full((n_latents,), math.log(self.init_threshold), device=device, dtype=dtype))
         if seed is not None:
             self.reset_parameters(seed)
 

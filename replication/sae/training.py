@@ -119,6 +119,8 @@ class TrainConfig:
         out = asdict(self)
         for key in ("device", "name", "checkpoint_at_tokens"):
             out.pop(key)
+        if self.architecture == "jumprelu":   # its bandwidth and initial threshold scale with sqrt(d_in) since this
+            out["jumprelu_scale"] = "sqrt_d_in"   # key existed: runs with the unscaled 0.001 are never reused
         return out
 
 

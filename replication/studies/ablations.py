@@ -239,15 +239,19 @@ def _next_coefficient(history: Sequence[tuple[float, float]], target: float) -> 
     above = [(c, l) for c, l in pts if l > target]
     if below and above:
         (c1, l1), (c2, l2) = max(above, key=lambda p: p[0]), min(below, key=lambda p: p[0])
-    else:
-        near = sorted(pts, key=lambda p: abs(math.log(p[1] / target)))[:2]
-        (c1, l1), (c2, l2) = sorted(near)
-    if l1 == l2 or c1 == c2:
-        return c1 * (l1 / target)
-    slope = (math.log(l2) - math.log(l1)) / (math.log(c2) - math.log(c1))
+        anchor = (c1, l1)
+    else:   # extrapolate from the end of the grid nearest the target: the largest penalties if L0 is still too high
+        (c1, l1), (c2, l2) = pts[-2:] if above else pts[:2]
+        anchor = pts[-1] if above else pts[0]
+    slope = ((math.log(l2) - math.log(l1)) / (math.log(c2) - math.log(c1))) if (l1 != l2 and c1 != c2) else 0.0
     if slope >= 0:  # L0 should fall as the penalty grows; fall back to a proportional step
-        return c1 * (l1 / target)
-    return float(math.exp(math.log(c1) + (math.log(target) - math.log(l1)) / slope))
+        log_c = math.log(anchor[0] * anchor[1] / target)   # (L0 roughly inversely proportional to the penalty)
+    else:
+        log_c = math.log(c1) + (math.log(target) - math.log(l1)) / slope
+    # An L0 that barely responds (slope ~ 0) would extrapolate to an absurd (or overflowing) coefficient:
+    # go at most one decade beyond the coefficients measured so far per round.
+    lo, hi = math.log(pts[0][0] / 10), math.log(pts[-1][0] * 10)
+    return float(math.exp(min(max(log_c, lo), hi)))
 
 
 def sparsity_spec(base: Any, architecture: str, l1_coefficient: float, seeds: Sequence[int] | None = None) -> Any:

@@ -93,6 +93,9 @@ class FamilySpec:
         d["model_dtype"] = self.resolved_dtypes()["model"]   # resolved: caches of different dtypes never mix
         d["select_dtype"] = self.resolved_dtypes()["select"]
         d["activations"] = self.activation_settings().key()
+        from .sae.training import architecture_revision
+
+        d.update(architecture_revision(self.architecture))
         return settings_key(d)
 
     @classmethod

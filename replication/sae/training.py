@@ -119,9 +119,19 @@ class TrainConfig:
         out = asdict(self)
         for key in ("device", "name", "checkpoint_at_tokens"):
             out.pop(key)
-        if self.architecture == "jumprelu":   # its bandwidth and initial threshold scale with sqrt(d_in) since this
-            out["jumprelu_scale"] = "sqrt_d_in"   # key existed: runs with the unscaled 0.001 are never reused
+        out.update(architecture_revision(self.architecture))
         return out
+
+
+ARCHITECTURE_REVISIONS: dict[str, str] = {
+    "jumprelu": "sqrt_d_in",   # bandwidth and initial threshold scaled by sqrt(d_in) (2026-11-29): runs before are not reused
+}
+"""Changes to an architecture's training made after its keys existed: they enter the run key and the family key."""
+
+
+def architecture_revision(architecture: str) -> dict[str, str]:
+    """`{"revision": ...}` for an architecture changed since its keys existed, else `{}` (other keys stay as they were)."""
+    return {"revision": ARCHITECTURE_REVISIONS[architecture]} if architecture in ARCHITECTURE_REVISIONS else {}
 
 
 @dataclass

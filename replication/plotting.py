@@ -221,13 +221,23 @@ def overlap_sweep_panel(ax, frame, axis: str, definitions=("threshold", "agree",
     ax.legend(fontsize=8)
 
 
+def token_label(n: float) -> str:
+    """A token count as a short tick label: 125000 -> "125k", 4000000 -> "4M", 1500000 -> "1.5M"."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.3g}{suffix}"
+    return f"{n:g}"
+
+
 def convergence_panel(ax, series: dict[str, dict[str, Any]], ylabel: str, ylim: tuple[float, float] | None = None,
-                      xlabel: str = "training tokens (separate runs, a full schedule each)", connect: bool = False) -> None:
+                      xlabel: str = "training tokens (separate runs, a full schedule each)", connect: bool = False,
+                      log_y: bool = False) -> None:
     """Notebooks 16 and 17: one statistic against training tokens, one series per label. A series holds
     `budgets`, `values`, `ci95` ([low, high] per point, seed-level), optionally `fit`
     (`convergence.fit_plateau`: its curve; where identified, its plateau dotted and the plateau interval shaded)
     and `floor` (a baseline drawn as a dashed line in the series' colour). `connect` joins the points
-    (checkpoints of the same runs, notebook 17)."""
+    (checkpoints of the same runs, notebook 17). Ticks sit at the budgets ("125k", "4M"); `log_y` for a
+    statistic that spans decades (an L0 that starts dense)."""
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for (label, s), colour in zip(series.items(), colours):
         b, y = np.asarray(s["budgets"], float), np.asarray(s["values"], float)
@@ -244,6 +254,12 @@ def convergence_panel(ax, series: dict[str, dict[str, Any]], ylabel: str, ylim: 
             if fit.get("plateau_ci95"):
                 ax.axhspan(*fit["plateau_ci95"], color=colour, alpha=0.08, lw=0)
     ax.set_xscale("log")
+    budgets = sorted({float(b) for s in series.values() for b in s["budgets"]})
+    ax.set_xticks(budgets, [token_label(b) for b in budgets])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    if log_y:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if ylim is not None:

@@ -70,3 +70,22 @@ def test_within_tolerance_reads_the_far_end_of_the_plateau_interval() -> None:
         convergence.fit_plateau(BUDGETS[:3], truth[:3])
     with pytest.raises(ValueError, match="increasing"):
         convergence.fit_plateau(BUDGETS[::-1], truth)
+
+
+def test_convergence_panel_labels_budgets_as_token_counts() -> None:
+    """Ticks sit at the budgets with short labels, not at matplotlib's overlapping 2x10^5 minor labels."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from replication import plotting
+
+    assert [plotting.token_label(n) for n in (800, 125_000, 1_000_000, 1_500_000, 4_000_000, 8e9)] == \
+        ["800", "125k", "1M", "1.5M", "4M", "8B"]
+    fig, ax = plt.subplots()
+    budgets = [125_000, 250_000, 500_000, 1_000_000, 4_000_000]
+    series = {"a": {"budgets": budgets, "values": [40, 30, 31, 32, 480], "ci95": [[v, v] for v in (40, 30, 31, 32, 480)]}}
+    plotting.convergence_panel(ax, series, "L0", log_y=True)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["125k", "250k", "500k", "1M", "4M"]
+    assert ax.get_yscale() == "log" and not ax.xaxis.get_minor_ticks()
+    plt.close(fig)

@@ -8,7 +8,7 @@ notebooks that share a family (Figures 1, 2, 3, A1, A2, A3) pay for it once.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
@@ -356,6 +356,24 @@ def _train_elsewhere(executor: Any, specs: list[FamilySpec], groups: list[list[i
 def seed_family(spec: FamilySpec, progress: bool = True, model=None) -> SeedFamily:
     """Build the activation cache, train (or load) every seed, and count held-out firing."""
     return seed_families([spec], progress=progress, model=model)[0]
+
+
+def pw_mcc_views(family: SeedFamily, n_boot: int = 1000, n_random_seeds: int = 4, progress: bool = False) -> dict[str, Any]:
+    """Song et al.'s PW-MCC of `family` (seed-level interval) with its two floors, for every figure of a family:
+    `baselines.untrained` (SAEs of the same shape and seeds at their seeded initialisation) and
+    `baselines.random_model` (the same spec trained on the random-initialised model, its first `n_random_seeds`
+    seeds, no intermediate checkpoints: trained once, then loaded by every notebook that asks)."""
+    from .analysis.stability import untrained_pw_mcc
+
+    spec = family.spec
+    if n_random_seeds < 2:
+        raise ValueError(f"n_random_seeds must be >= 2 (a PW-MCC needs a pair), got {n_random_seeds}")
+    random_spec = replace(spec, random_model=True, seeds=tuple(spec.seeds[:n_random_seeds]), checkpoint_at_tokens=())
+    random_family = seed_family(random_spec, progress=progress)
+    random_model = {**random_family.matching.pw_mcc(n_boot=n_boot), "fvu": float(random_family.training_table().fvu.mean()),
+                    "seeds": list(random_spec.seeds)}
+    untrained = untrained_pw_mcc(spec.architecture, family.cache.d_model, spec.n_latents, spec.k, spec.seeds, n_boot=n_boot)
+    return {**family.matching.pw_mcc(n_boot=n_boot), "baselines": {"untrained": untrained, "random_model": random_model}}
 
 
 @dataclass

@@ -6,6 +6,7 @@ copy of a trained SAE 100% shared.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 import yaml
 from conftest import smoke_numbers
 
-from replication import paths
+from replication import experiments, paths
 from replication.io import write_json_atomic
 
 PROFILE = "smoke"
@@ -79,7 +80,7 @@ def test_fig1_fractions_and_definitions():
         assert lo <= fr[name] <= hi
     assert -1.0 <= n["mean_cos_disagree"] <= 1.0 and -1.0 <= n["mean_cos_agree"] <= 1.0
     # PW-MCC (Song et al.) of the family, its seed-level interval, and the untrained floor below it
-    pw, floor = n["pw_mcc"], n["pw_mcc_untrained"]
+    pw, floor = n["pw_mcc"], n["pw_mcc"]["baselines"]["untrained"]
     assert pw["ci95_seed"][0] <= pw["estimate"] <= pw["ci95_seed"][1] and pw["n_pairs"] == len(family_params()["seeds"]) * (
         len(family_params()["seeds"]) - 1) // 2
     assert 0 < floor["estimate"] < pw["estimate"]
@@ -267,7 +268,7 @@ def test_figure_json_names_its_resolved_dtypes(name):
 
 
 @pytest.mark.parametrize("name", ["01_fig1_bimodal_cosine", "02_fig2_kseed_decay", "03_fig3_firing_frequency",
-                                  "04_figA1_threshold", "05_figA2_A3_hungarian_vs_maxcos"])
+                                  "04_figA1_threshold", "05_figA2_A3_hungarian_vs_maxcos", "11_live_only_statistics"])
 def test_core_family_figures_report_the_same_pw_mcc(name):
     """Every figure of the core family reports Song et al.'s PW-MCC beside its shared fractions, and they agree:
     the same family, the same number (recomputed here from the matchings)."""
@@ -278,3 +279,12 @@ def test_core_family_figures_report_the_same_pw_mcc(name):
     assert n["pw_mcc"]["estimate"] == pytest.approx(expected, abs=1e-6)
     lo, hi = n["pw_mcc"]["ci95_seed"]
     assert lo <= n["pw_mcc"]["estimate"] <= hi
+    # its two floors: untrained SAEs of the same shape, and the same spec trained on the random-initialised model
+    base = n["pw_mcc"]["baselines"]
+    assert base["untrained"] == numbers("01_fig1_bimodal_cosine")["pw_mcc"]["baselines"]["untrained"]
+    random_spec = dataclasses.replace(family.spec, random_model=True, seeds=tuple(base["random_model"]["seeds"]),
+                                      checkpoint_at_tokens=())
+    rm = experiments.seed_family(random_spec, progress=False).matching
+    pairs = [(i, j) for i in range(rm.n_seeds) for j in range(i + 1, rm.n_seeds)]
+    assert base["random_model"]["estimate"] == pytest.approx(np.mean([rm.result(i, j).dec_cos.mean() for i, j in pairs]), abs=1e-6)
+    assert len(base["random_model"]["seeds"]) >= 2 and base["random_model"]["n_pairs"] == len(pairs)

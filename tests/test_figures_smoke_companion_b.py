@@ -28,6 +28,11 @@ def test_random_model_control():
     assert 0.0 <= n["separation"]["latent_stability_auc"] <= 1.0
     assert 0.0 < n["separation"]["pair_fraction_p_value"] <= 1.0
     assert n["cross_model_shared_fraction"] < 0.1, "SAEs of the real and the random model must share ~nothing"
+    # PW-MCC of the real family, whose random-model floor is this notebook's own random family
+    pw = n["pw_mcc"]
+    assert pw["ci95_seed"][0] <= pw["estimate"] <= pw["ci95_seed"][1]
+    assert pw["baselines"]["random_model"]["seeds"] == n["family_random"]["spec"]["seeds"]
+    assert pw["baselines"]["random_model"]["fvu"] == pytest.approx(n["family_random"]["mean_fvu"])
 
 
 def test_reproducible_subspaces():

@@ -259,7 +259,9 @@ def convergence_panel(ax, series: dict[str, dict[str, Any]], ylabel: str, ylim: 
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     if log_y:
         ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")   # 20, 300: not 2x10^1, 3x10^2
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if ylim is not None:

@@ -27,7 +27,8 @@ def test_two_views_json_has_every_architecture_checkpoint_with_both_views_and_th
     assert set(n["architectures"]) == {"topk", "batchtopk", "jumprelu", "relu", "gated"}
     for arch, a in n["architectures"].items():
         tokens = [c["tokens"] for c in a["checkpoints"]]
-        assert tokens == sorted(tokens) and len(tokens) >= 4 and tokens[-1] == (params["arch_n_tokens"] or params["family_spec"]["n_tokens"])
+        budget = params["arch_n_tokens"] or params["family_spec"]["n_tokens"]
+        assert tokens == sorted(tokens) and len(tokens) >= 4 and tokens[-1] == budget
         assert np.all(np.diff(np.log(tokens)) > 0.5)          # log-spaced
         for c in a["checkpoints"]:
             assert c["n_seeds"] >= 4

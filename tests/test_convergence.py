@@ -88,4 +88,7 @@ def test_convergence_panel_labels_budgets_as_token_counts() -> None:
     plotting.convergence_panel(ax, series, "L0", log_y=True)
     assert [t.get_text() for t in ax.get_xticklabels()] == ["125k", "250k", "500k", "1M", "4M"]
     assert ax.get_yscale() == "log" and not ax.xaxis.get_minor_ticks()
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_yticklabels(minor=True) + ax.get_yticklabels() if t.get_text()]
+    assert labels and not any("times" in text or "^" in text for text in labels), labels   # plain numbers
     plt.close(fig)

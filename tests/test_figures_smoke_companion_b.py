@@ -77,6 +77,7 @@ def test_pooling():
     for name, v in variants.items():
         assert 0.0 <= v["shared_with_all"] <= v["mean_shared_fraction"] <= v["shared_with_any"] <= 1.0, name
         assert 0.0 < v["fvu"] < 1.5, name
+        assert v["pw_mcc"] == pytest.approx(np.mean(v["pw_mcc_per_other"])) and len(v["pw_mcc_per_other"]) == len(n["eval_seeds"])
     for fill, info in n["built"].items():
         assert info["from_pool"] + info["filled"] == n["family"]["spec"]["n_latents"]
         assert sum(info["per_source_seed"]) == info["from_pool"] <= n["pool_size"]

@@ -32,6 +32,14 @@ def test_convergence_json_has_every_budget_with_intervals_and_fits():
             for d in ("threshold", "agree", "decoder"):
                 s = p["shared"][d]
                 assert s["ci95_seed"][0] <= s["mean"] + 1e-12 and s["mean"] <= s["ci95_seed"][1] + 1e-12
+        # PW-MCC's floor: untrained SAEs of this shape and seeds, the same at every budget of a size
+        from replication.analysis.stability import untrained_pw_mcc
+        from replication.experiments import FamilySpec
+        from replication.studies.ablations import d_model
+
+        floor = untrained_pw_mcc("topk", d_model(FamilySpec.from_profile("smoke")), size, family["k"],
+                                 want["budget_seeds"], n_boot=10)["estimate"]
+        assert all(p["pw_mcc_untrained"]["estimate"] == pytest.approx(floor, abs=1e-9) for p in points)
         for stat in ("threshold", "agree", "decoder", "pw_mcc", "fvu"):
             fit = n["fits"][str(size)][stat]
             assert fit["budgets"] == [p["budget"] for p in points]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from replication import pooling, synthetic
+from replication.analysis.matching import match
 from replication.analysis.stability import FamilyMatching
 from replication.sae.architectures import build_sae
 
@@ -81,3 +82,9 @@ def test_stability_against_copies_and_strangers():
     assert same["mean_shared_fraction"] == 1.0
     other = pooling.stability_against(saes[0], saes[1:])
     assert other["shared_with_all"] == pytest.approx(len(common) / 20)
+    # PW-MCC: 1 against a copy of itself; against the others, the mean matched decoder cosine of each pair
+    assert same["pw_mcc"] == pytest.approx(1.0, abs=1e-6)
+    expected = [float(np.mean(match(saes[0].latent_directions(name="a"), o.latent_directions(name="b"), cache=False).dec_cos))
+                for o in saes[1:]]
+    assert other["pw_mcc_per_other"] == pytest.approx(expected) and other["pw_mcc"] == pytest.approx(np.mean(expected))
+    assert other["pw_mcc"] < same["pw_mcc"]

@@ -139,16 +139,18 @@ def fine_tune(sae: TopKSAE, activations: np.ndarray, n_tokens: int, *, batch_siz
 
 def stability_against(sae, others: Sequence, threshold: float = DEFAULT_THRESHOLD,
                       definition: str = "threshold") -> dict[str, Any]:
-    """Match `sae` with each SAE in `others` (not cached): shared fraction per other, and the
-    fraction of latents shared with at least one / with all of them."""
+    """Match `sae` with each SAE in `others` (not cached): shared fraction per other, the fraction of
+    latents shared with at least one / with all of them, and Song et al.'s view (PW-MCC against each other:
+    the mean Hungarian-matched decoder cosine)."""
     from ..analysis.matching import match
 
     dirs = sae.latent_directions(name="candidate")
-    masks = np.stack([shared_masks(match(dirs, o.latent_directions(name="other"), cache=False), threshold)[definition]
-                      for o in others])
+    results = [match(dirs, o.latent_directions(name="other"), cache=False) for o in others]
+    masks = np.stack([shared_masks(r, threshold)[definition] for r in results])
+    pw = [float(np.mean(r.dec_cos)) for r in results]
     return {"shared_fraction": masks.mean(1).tolist(), "mean_shared_fraction": float(masks.mean()),
             "shared_with_any": float(masks.any(0).mean()), "shared_with_all": float(masks.all(0).mean()),
-            "shared_count": masks.sum(0)}
+            "shared_count": masks.sum(0), "pw_mcc_per_other": pw, "pw_mcc": float(np.mean(pw))}
 
 
 def pooling_experiment(family, n_eval_seeds: int, min_shared: int, fills: Sequence[str] = ("random",),

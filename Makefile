@@ -39,7 +39,7 @@ help:  ## list targets
 	@echo "           EMULATE_AVX2=1 (rehearse a CPU without native bf16)"
 
 # Not byte-compiled at install (a regular expression over paths, for compileall -x): see $(INSTALLED) below.
-COMPILE_SKIP := (/tests?/|/pip/|transformers/models/(?!(auto|bert|encoder_decoder|gemma|gemma2|gemma3|gemma3n|diffusion_gemma|hubert|llama|olmo2|t5|wav2vec2|gpt2|gpt_neox|mistral|qwen2|siglip)/))
+COMPILE_SKIP := (/tests?/|/pip/|transformers/models/(?!(__init__|auto|bert|encoder_decoder|gemma|gemma2|gemma3|gemma3n|diffusion_gemma|hubert|llama|olmo2|t5|wav2vec2|gpt2|gpt_neox|mistral|qwen2|siglip)[/.]))
 
 venv: $(INSTALLED)  ## create .venv and install the project and its pinned dependencies
 

@@ -429,7 +429,8 @@ def compare_saes(saes: Sequence[Any], *, names: Sequence[str] | None = None, thr
     chance = stability.chance_shared_fractions(dirs[0], threshold, seed=seed, method=method)
     arch = loaded[0].sae.architecture if loaded[0].sae is not None else "topk"
     # every architecture here shares sparsify's tied initialisation, so the shape alone fixes the floor
-    untrained = stability.untrained_pw_mcc(arch, d_in, n, 1, seeds=(0, 1), n_boot=200)["estimate"]
+    untrained = stability.untrained_pw_mcc(arch, d_in, n, 1, seeds=(0, 1), n_boot=200, cache=cache,
+                                           cache_dir=cache_dir)["estimate"]
     pw_mcc = fm.pw_mcc(n_boot=n_boot, seed=seed)
     mean_cos = [0.5 * (results[p].dec_cos.astype(np.float64) + results[p].enc_cos) for p in pairs]
     agree = [results[p].dec_partner == results[p].enc_partner for p in pairs]

@@ -102,7 +102,8 @@ def test_command_prints_notebook01_shared_fraction(trained, tmp_path) -> None:
     ci = bootstrap_ci(masks["threshold"], n_boot=200)
     assert report["shared_fraction"]["threshold"]["low"] == ci["low"]
     assert report["pw_mcc"]["trained"] == pytest.approx(float(res.dec_cos.mean()))
-    assert report["pw_mcc"]["untrained"] == pytest.approx(untrained_pw_mcc("topk", D_IN, N_LAT, 1, seeds=(0, 1))["estimate"])
+    floor = untrained_pw_mcc("topk", D_IN, N_LAT, 1, seeds=(0, 1), cache=False)["estimate"]
+    assert report["pw_mcc"]["untrained"] == pytest.approx(floor)
     lo, hi = report["pw_mcc"]["ci95_seed"]
     assert lo <= report["pw_mcc"]["trained"] <= hi
     assert report["pw_mcc"]["trained"] > report["pw_mcc"]["untrained"]

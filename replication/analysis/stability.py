@@ -354,12 +354,15 @@ def threshold_sweep(results: "MatchResult | Sequence[MatchResult]",
 
 
 def untrained_pw_mcc(architecture: str, d_in: int, n_latents: int, k: int | None, seeds: Sequence[int],
-                     n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+                     n_boot: int = 1000, seed: int = 0, cache: bool = True,
+                     cache_dir: Path | str | None = None) -> dict[str, Any]:
     """PW-MCC of SAEs of this shape at their seeded initialisation (no training): the floor a trained
-    family's PW-MCC must be read against (random decoder directions already match at a positive cosine)."""
+    family's PW-MCC must be read against (random decoder directions already match at a positive cosine). The
+    matchings are cached like a trained family's (keyed on the weights' content hash): every figure of a family
+    asks for the same floor, and 36 matchings at 1024 latents take ~10 s (`cache=False`: nothing written)."""
     from ..sae.architectures import build_sae
 
     saes = [build_sae(architecture, d_in, n_latents, k=k, seed=s) for s in seeds]
-    fm = FamilyMatching([sae.latent_directions(name=f"untrained-seed{s}") for sae, s in zip(saes, seeds)], cache=False,
-                        progress=False)
+    fm = FamilyMatching([sae.latent_directions(name=f"untrained-seed{s}") for sae, s in zip(saes, seeds)], cache=cache,
+                        cache_dir=cache_dir, progress=False)
     return fm.pw_mcc(n_boot=n_boot, seed=seed)

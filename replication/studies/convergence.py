@@ -11,7 +11,6 @@ statistic, and the plateau's interval comes from refitting it on seed-level boot
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -76,33 +75,25 @@ class BudgetPoint:
                        "ci95_seed": [float(x) for x in np.quantile(self.fvu_draws, [0.025, 0.975])]},
                "l0": float(self.l0.mean()), "dead_fraction": float(self.dead_fraction.mean())})
         if self.pw_mcc_untrained is not None:
-            out["pw_mcc_untrained"] = dict(self.pw_mcc_untrained)
+            out["pw_mcc_untrained"] = self.pw_mcc_untrained
         return out
 
 
 def budget_point(family: Any, n_boot: int = 500, threshold: float = 0.7, seed: int = 0) -> BudgetPoint:
     """Summarise a trained family (`experiments.SeedFamily`) as one budget point."""
+    from ..analysis.stability import untrained_pw_mcc
+
     table = family.training_table()
     fvu = table.fvu.to_numpy(np.float64)
     rng = np.random.default_rng(seed + 7)
     fvu_draws = fvu[rng.integers(0, len(fvu), size=(n_boot, len(fvu)))].mean(1)
     overlap = family_overlap(family.directions, threshold=threshold, n_boot=n_boot, seed=seed)
     spec = family.spec
-    floor = _untrained_floor(spec.architecture, family.cache.d_model, spec.n_latents, spec.k, tuple(spec.seeds), n_boot)
+    floor = untrained_pw_mcc(spec.architecture, family.cache.d_model, spec.n_latents, spec.k, spec.seeds, n_boot=n_boot)
     return BudgetPoint(n_latents=spec.n_latents, budget=int(spec.n_tokens), passes=spec.n_tokens / spec.n_train_tokens,
                        overlap=overlap, fvu=fvu, l0=table.l0.to_numpy(np.float64),
                        dead_fraction=table.dead_fraction.to_numpy(np.float64), fvu_draws=fvu_draws,
-                       pw_mcc_untrained=floor)
-
-
-@functools.lru_cache(maxsize=32)
-def _untrained_floor(architecture: str, d_in: int, n_latents: int, k: int | None, seeds: tuple[int, ...],
-                     n_boot: int) -> dict[str, Any]:
-    """`stability.untrained_pw_mcc`, once per shape and seeds (every budget of a size shares it)."""
-    from ..analysis.stability import untrained_pw_mcc
-
-    floor = untrained_pw_mcc(architecture, d_in, n_latents, k, seeds, n_boot=n_boot)
-    return {"estimate": floor["estimate"], "ci95_seed": floor["ci95_seed"]}
+                       pw_mcc_untrained={"estimate": floor["estimate"], "ci95_seed": floor["ci95_seed"]})
 
 
 # ------------------------------------------------------------------------------- saturating fit

@@ -78,6 +78,13 @@ $(EXECUTED)/%.ipynb: notebooks/%.ipynb notebooks/params/family/$(PROFILE).yaml n
 	  notebooks/$*.ipynb $(EXECUTED)/.tmp-$*.ipynb
 	@mv $(EXECUTED)/.tmp-$*.ipynb $@
 
+# Families shared between notebooks are trained by the notebook that owns them, before the one that loads them,
+# so that no notebook pays for another's on top of its own work (each stays under 90 minutes on the default
+# profile): 16 trains the separate-schedule budget families of Figure 4's tokens panel (06), 17 the L0-matched
+# architecture families of Figure 5's architecture panel (07). Order only: a newer 16 or 17 does not make 06 or 07 stale.
+$(EXECUTED)/06_fig4_size_k_tokens.ipynb: | $(EXECUTED)/16_convergence.ipynb
+$(EXECUTED)/07_fig5_layer_model_arch.ipynb: | $(EXECUTED)/17_consistency_views.ipynb
+
 test: $(INSTALLED) lint nbval unit  ## ruff, then nbval over every notebook with its smoke parameters, then pytest on tests/
 
 nbval: $(INSTALLED)  ## run every notebook with smoke parameters under nbval (writes figures/smoke/)

@@ -95,3 +95,14 @@ def test_committed_fig1_and_fig2_verdicts_rest_on_calibrated_statistics() -> Non
     n2 = committed("02_fig2_kseed_decay")["numbers"]
     lo, hi = n2["offset_ci95"]
     assert lo <= hi
+
+
+def test_every_committed_figure_names_its_resolved_dtypes() -> None:
+    """Issue #15: each figure JSON says which dtypes `auto` (or a forced choice) resolved to, so a reader knows which
+    path produced it (`params.resolved_dtypes` = {"model": ..., "select": ...})."""
+    names = sorted((paths.PROJECT_ROOT / "figures").glob("[0-9][0-9]_*.json"))
+    assert len(names) >= 18, names
+    for p in names:
+        resolved = read_json(p)["params"].get("resolved_dtypes")
+        assert isinstance(resolved, dict) and set(resolved) == {"model", "select"}, (p.name, resolved)
+        assert set(resolved.values()) <= {"float32", "bfloat16", "float16"}, (p.name, resolved)

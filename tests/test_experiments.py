@@ -83,11 +83,12 @@ def test_default_ablation_points_have_at_least_four_seeds() -> None:
 @pytest.mark.parametrize("profile", ["smoke", "default", "paper"])
 def test_figure5_architecture_panel_and_notebook_17_share_families(profile: str) -> None:
     """Figure 5's architecture panel reuses notebook 17's families only if both train them at the same size
-    and budget: their `arch_n_latents` / `arch_n_tokens` must agree in every profile."""
+    and budget, calibrated from the same first round: their `arch_n_latents` / `arch_n_tokens` /
+    `calibration_grids` must agree in every profile."""
     def own(name: str) -> dict:
         f = paths.NOTEBOOKS_DIR / "params" / name / f"{profile}.yaml"
         return (yaml.safe_load(f.read_text()) or {}) if f.exists() else {}
 
     a, b = own("07_fig5_layer_model_arch"), own("17_consistency_views")
-    for key in ("arch_n_latents", "arch_n_tokens"):
+    for key in ("arch_n_latents", "arch_n_tokens", "calibration_grids"):
         assert a.get(key) == b.get(key), (profile, key, a.get(key), b.get(key))

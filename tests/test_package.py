@@ -110,3 +110,24 @@ def test_short_imports_reach_every_module() -> None:
         module = getattr(replication, name)
         assert module.__name__ == f"replication.{target}"
         assert (PACKAGE / Path(*target.split("."))).with_suffix(".py").exists()
+
+
+def test_make_figures_runs_the_owner_of_shared_families_first(tmp_path: Path) -> None:
+    """Notebook 06's tokens panel loads notebook 16's budget families and 07's architecture panel loads 17's: `make
+    figures` must run 16 before 06 and 17 before 07, or the loading notebook trains them itself and passes 90 minutes
+    on the default profile. Read from make's dry run (-B: as if nothing were built)."""
+    import re
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        import pytest
+        pytest.skip("make is not installed")
+    out = subprocess.run(["make", "-n", "-B", "figures", "PROFILE=smoke", f"EXECUTED={tmp_path}"], cwd=paths.PROJECT_ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    order = re.findall(r"^\s*notebooks/(\d\d_\w+)\.ipynb ", out, re.MULTILINE)   # papermill's input notebook
+    names = [p.stem for p in sorted((paths.PROJECT_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))]
+    assert sorted(order) == sorted(names), order
+    position = {name[:2]: i for i, name in enumerate(order)}
+    assert position["16"] < position["06"] and position["17"] < position["07"], order
+    assert position["00"] == 0, order

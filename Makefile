@@ -107,6 +107,7 @@ unit: $(INSTALLED)  ## the pytest suite under tests/ (figure tests read the smok
 bench: $(INSTALLED)  ## speed/memory benchmarks (prints ratios measured in one run)
 	$(PY) bench/bench_dtypes.py
 	$(PY) bench/bench_training.py
+	$(PY) bench/bench_family_rates.py   # the README's cost model: every configuration the default profile trains
 	$(PY) bench/bench_matching.py      # also runs bench_matching_sparse.py (2^15 beside the dense route, 2^17 alone)
 	$(PY) bench/bench_activations.py
 	$(PY) bench/bench_gpu.py

@@ -3,7 +3,12 @@ and the folders read as the pipeline."""
 from __future__ import annotations
 
 import ast
+import re
+import shutil
+import subprocess
 from pathlib import Path
+
+import pytest
 
 import replication
 from replication import paths
@@ -116,12 +121,7 @@ def test_make_figures_runs_the_owner_of_shared_families_first(tmp_path: Path) ->
     """Notebook 06's tokens panel loads notebook 16's budget families and 07's architecture panel loads 17's: `make
     figures` must run 16 before 06 and 17 before 07, or the loading notebook trains them itself and passes 90 minutes
     on the default profile. Read from make's dry run (-B: as if nothing were built)."""
-    import re
-    import shutil
-    import subprocess
-
     if shutil.which("make") is None:
-        import pytest
         pytest.skip("make is not installed")
     out = subprocess.run(["make", "-n", "-B", "figures", "PROFILE=smoke", f"EXECUTED={tmp_path}"], cwd=paths.PROJECT_ROOT,
                          capture_output=True, text=True, check=True).stdout

@@ -63,8 +63,9 @@ def architecture_specs(base: Any, architectures: Sequence[str], tolerance: float
     rescaled until its held-out L0 at the inference threshold matches; each penalised architecture gets the
     coefficient whose seed-0 held-out L0 lies within `tolerance` (relative) of the target. Returns
     (specs, matching) with `matching` holding the target, the calibration history and a verdict per
-    architecture. "Matched L0" means the mean number of active latents per held-out token: the paper's
-    own caveat applies (an L1 SAE's distribution of L0 over tokens is much wider than TopK's fixed k).
+    architecture, and the first round's grids (`grids` over `SPARSITY_GRIDS`). "Matched L0" means the mean
+    number of active latents per held-out token: the paper's own caveat applies (an L1 SAE's distribution of
+    L0 over tokens is much wider than TopK's fixed k).
     """
     from ..experiments import seed_family
 
@@ -89,7 +90,8 @@ def architecture_specs(base: Any, architectures: Sequence[str], tolerance: float
             specs[a] = dataclasses.replace(topk, architecture=a, k=calibration[a]["k"])
         else:
             specs[a] = sparsity_spec(topk, a, calibration[a]["l1_coefficient"])
-    return specs, {"target_l0": target, "tolerance": tolerance, "calibration": calibration}
+    return specs, {"target_l0": target, "tolerance": tolerance, "calibration": calibration,
+                   "first_round": {a: [float(c) for c in grids[a]] for a in penalised}}
 
 
 def _calibrate_batchtopk_k(topk: Any, target: float, tolerance: float, max_rounds: int, progress: bool) -> dict[str, Any]:

@@ -49,14 +49,14 @@ class FamilySpec:
     l1_coefficient: float = 0.2
     seeds: tuple[int, ...] = tuple(range(9))
     batch_size: int = 1024
-    n_tokens: int | None = 4_000_000     # training budget; None = one epoch of the cached tokens
+    n_tokens: int | None = 2_000_000     # training budget; None = one epoch of the cached tokens
     data_seed: int = 0
     lr: float | None = None              # None: `training.learning_rate(n_latents, lr_scale)`
     lr_scale: float = 4.0                # >1 compensates for runs far shorter than the paper's ~122k steps
     select_dtype: str | None = "auto"    # top-k chosen in this dtype (as sparsify's autocast); "auto" as model_dtype
     device: str = "cpu"                  # "cpu", "cuda[:N]" or "auto" (cuda where visible)
     extra_hooks: tuple[str, ...] = field(default_factory=tuple)  # more hooks cached in the same pass
-    checkpoint_at_tokens: tuple[int, ...] = (125_000, 250_000, 500_000, 1_000_000, 2_000_000)  # tokens ablation
+    checkpoint_at_tokens: tuple[int, ...] = (125_000, 250_000, 500_000, 1_000_000)  # training trajectories
     # "cache": train on the disk cache of n_train_tokens (epochs over it); "stream": the model makes the training
     # activations on the fly from the corpus's whole train split (no cache of them; the held-out split and the
     # n_train_tokens used for the input scale are still cached)

@@ -6,9 +6,10 @@ Each row times the trainer's own step (`training._Member.train_step`: the sparse
 penalised architectures' step, gradient handling, fused Adam, decoder renorm, dead-latent tracking) for a
 family of `--members` SAEs sharing each batch, as `make figures` trains them: batch 1024, d_in 576
 (SmolLM2-135M), random inputs. It prints SAE-tokens/s, the ratio to the core configuration (TopK, 1024
-latents, k 32) measured in the same run, and the minutes a 4-seed family of 4M tokens would take at that
-rate with the end-to-end efficiency measured for the core family (~85%: batch gathering, hashing and
-checkpoints cost the rest). Multiply by each notebook's families (README, "Cost on this 2-core CPU") to
+latents, k 32) measured in the same run, and the minutes a 4-seed family at the default profile's budget
+(`n_tokens` in notebooks/params/family/default.yaml, or `--budget`) would take at that rate with the
+end-to-end efficiency measured for the core family (~85%: batch gathering, hashing and checkpoints cost
+the rest). Multiply by each notebook's families (README, "Cost on this 2-core CPU") to
 estimate the default profile on another machine.
 
 Measured here (2-core Xeon with AMX, torch 2.13.0+cpu, bf16 selection, quiet machine), 2026-11-29:
@@ -48,6 +49,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from replication.devices import resolve_dtype  # noqa: E402
+from replication.experiments import FamilySpec  # noqa: E402
 from replication.sae.training import DataConfig, TrainConfig, _Member  # noqa: E402
 
 CONFIGS: list[tuple[str, int, int | None]] = [
@@ -92,6 +94,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--members", type=int, default=4)
     parser.add_argument("--select-dtype", default="auto", help="top-k selection dtype: auto, float32 or bfloat16")
+    parser.add_argument("--budget", type=int, default=None,
+                        help="training tokens per SAE for the minutes column (default: the default profile's n_tokens)")
     args = parser.parse_args()
     select = resolve_dtype(args.select_dtype, "cpu", what="select_dtype")
     torch.manual_seed(0)
@@ -100,10 +104,11 @@ def main() -> None:
           f"{args.members} SAEs per family, {args.steps} steps each")
     rates = {cfg: family_rate(*cfg, inputs, args.members, args.steps, select) for cfg in CONFIGS}
     core = rates[CORE]
-    print(f"{'configuration':26s}{'SAE-tokens/s':>13s}{'vs core':>9s}{'4 x 4M tokens':>15s}")
+    budget = args.budget or int(FamilySpec.from_profile("default").n_tokens)
+    print(f"{'configuration':26s}{'SAE-tokens/s':>13s}{'vs core':>9s}{f'4 x {budget / 1e6:g}M tokens':>15s}")
     for (arch, n, k), rate in rates.items():
         name = f"{arch} n={n}" + (f" k={k}" if k is not None else "") + (" (core)" if (arch, n, k) == CORE else "")
-        minutes = 4 * 4_000_000 / (rate * END_TO_END) / 60
+        minutes = 4 * budget / (rate * END_TO_END) / 60
         print(f"{name:26s}{rate:13,.0f}{rate / core:9.2f}{minutes:12.1f} min")
 
 

@@ -40,6 +40,11 @@ def family_params_file(profile: str) -> Path:
     return NOTEBOOKS_DIR / "params" / "family" / f"{profile}.yaml"
 
 
+def notebook_params_file(notebook: str, profile: str) -> Path:
+    """`notebooks/params/<notebook>/<profile>.yaml`: a notebook's own settings for one profile."""
+    return NOTEBOOKS_DIR / "params" / notebook / f"{profile}.yaml"
+
+
 def profile_names() -> list[str]:
     """The profiles that have a family file."""
     return sorted(p.stem for p in (NOTEBOOKS_DIR / "params" / "family").glob("*.yaml"))

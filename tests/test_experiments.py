@@ -83,12 +83,18 @@ def test_default_ablation_points_have_at_least_four_seeds() -> None:
 @pytest.mark.parametrize("profile", ["smoke", "default", "paper"])
 def test_figure5_architecture_panel_and_notebook_17_share_families(profile: str) -> None:
     """Figure 5's architecture panel reuses notebook 17's families only if both train them at the same size
-    and budget, calibrated from the same first round: their `arch_n_latents` / `arch_n_tokens` /
-    `calibration_grids` must agree in every profile."""
+    and budget, calibrated from the same first round. Those settings have one home, notebook 17's params
+    file: notebook 07's files must not set them, and 07 resolves them from 17's (its own value wins only
+    when a user passes one)."""
+    from replication.studies import consistency
+
     def own(name: str) -> dict:
-        f = paths.NOTEBOOKS_DIR / "params" / name / f"{profile}.yaml"
+        f = paths.notebook_params_file(name, profile)
         return (yaml.safe_load(f.read_text()) or {}) if f.exists() else {}
 
     a, b = own("07_fig5_layer_model_arch"), own("17_consistency_views")
-    for key in ("arch_n_latents", "arch_n_tokens", "calibration_grids"):
-        assert a.get(key) == b.get(key), (profile, key, a.get(key), b.get(key))
+    assert not set(a) & set(consistency.ARCHITECTURE_PANEL_KEYS), (profile, sorted(a))
+    assert consistency.shared_architecture_settings(profile) == {k: b.get(k) for k in consistency.ARCHITECTURE_PANEL_KEYS}
+    assert consistency.shared_architecture_settings(profile, arch_n_latents=48)["arch_n_latents"] == 48
+    with pytest.raises(ValueError, match=r"\['k'\] are not architecture-panel settings"):
+        consistency.shared_architecture_settings(profile, k=8)

@@ -22,7 +22,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+import yaml
 
+from .. import paths
 from ..io import read_json
 from ..sae.checkpoints import TRAINING_INFO
 from .ablations import Overlap, compare_overlaps, family_l0, family_overlap, match_sparsity, sparsity_spec
@@ -40,6 +42,24 @@ calibrate the same way, so an architecture's calibrated family is trained once f
 
 VIEWS = {"pw_mcc": "PW-MCC (Song et al.)", "threshold": "shared fraction (Paulo & Belrose)",
          "decoder": "shared fraction, decoder only"}
+
+
+ARCHITECTURE_PANEL_KEYS: tuple[str, ...] = ("arch_n_latents", "arch_n_tokens", "calibration_grids")
+"""Settings of the architecture families that Figure 5 (notebook 07) shares with notebook 17, which owns them."""
+
+
+def shared_architecture_settings(profile: str, **overrides: Any) -> dict[str, Any]:
+    """Notebook 17's `ARCHITECTURE_PANEL_KEYS` for `profile` (its params file is their one home), with any
+    non-None value in `overrides` (a papermill parameter of notebook 07) taking precedence.
+
+    Figure 5's architecture panel loads notebook 17's families, so both must ask for the same size, budget
+    and first calibration round; reading them from one file keeps them equal."""
+    unknown = sorted(set(overrides) - set(ARCHITECTURE_PANEL_KEYS))
+    if unknown:
+        raise ValueError(f"{unknown} are not architecture-panel settings; expected some of {list(ARCHITECTURE_PANEL_KEYS)}")
+    f = paths.notebook_params_file("17_consistency_views", profile)
+    own = (yaml.safe_load(f.read_text()) or {}) if f.exists() else {}
+    return {key: overrides[key] if overrides.get(key) is not None else own.get(key) for key in ARCHITECTURE_PANEL_KEYS}
 
 
 def architecture_base(spec: Any, n_latents: int | None = None, n_tokens: int | None = None,

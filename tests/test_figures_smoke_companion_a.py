@@ -65,6 +65,17 @@ def test_functional_asymmetry():
     ce = n["ce"]
     assert ce["zero"]["value"] > ce["clean"]["value"], "zeroing the hook activation must hurt the model"
     assert np.isfinite(n["loss_recovered"])
+    # seed-level numbers: one value per base SAE, their mean, and the first base's own paired difference among them
+    sl = n["seed_level"]
+    assert sl["n_bases"] == len(n["base_seeds"]) == len(n["per_base"]) >= 2
+    for key in ("fvu", "ce"):
+        d = sl[key]["stable_minus_unstable_mass"]
+        assert len(d["per_base"]) == sl["n_bases"] and d["estimate"] == pytest.approx(np.mean(d["per_base"]))
+        assert d["per_base"][0] == pytest.approx(n["stable_minus_unstable_mass_paired"][key]["delta"], abs=1e-9)
+        assert d["ci95_seed"][0] <= d["ci95_seed"][1]
+        for b, seed in enumerate(n["base_seeds"]):
+            own = n["per_base"][str(seed)]["stable_minus_unstable_mass_paired"][key]["delta"]
+            assert d["per_base"][b] == pytest.approx(own, abs=1e-9)
 
 
 def test_live_only_statistics():

@@ -131,3 +131,19 @@ def test_make_figures_runs_the_owner_of_shared_families_first(tmp_path: Path) ->
     position = {name[:2]: i for i, name in enumerate(order)}
     assert position["16"] < position["06"] and position["17"] < position["07"], order
     assert position["00"] == 0, order
+
+
+@pytest.mark.parametrize("notebook", sorted(p.stem for p in paths.NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb")))
+def test_papermill_reads_every_parameter(notebook: str) -> None:
+    """Every name the parameters cell assigns is one papermill can inspect (`papermill --help-notebook`, and no
+    "Passed unknown parameter" warning when a params file sets it). Papermill skips a line holding more than one
+    `=`, so a comment such as `# >= 4 seeds` hides its parameter."""
+    import json
+
+    import papermill
+
+    cells = json.loads((paths.NOTEBOOKS_DIR / f"{notebook}.ipynb").read_text())["cells"]
+    (cell,) = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assigned = {t.id for node in ast.parse("".join(cell["source"])).body if isinstance(node, ast.Assign)
+                for t in node.targets if isinstance(t, ast.Name)}
+    assert assigned and set(papermill.inspect_notebook(str(paths.NOTEBOOKS_DIR / f"{notebook}.ipynb"))) == assigned

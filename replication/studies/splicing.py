@@ -10,12 +10,14 @@ Unstable latents fire less often, so ablating equally many of them removes less 
 construction. The study's control (frequency-matched masking): mask enough unstable latents to match
 the **activation mass** (summed activation over held-out tokens) of the masked stable ones.
 
-Intervals are paired bootstraps over held-out sequences (tokens within a sequence are correlated).
+Intervals are paired bootstraps over held-out sequences (tokens within a sequence are correlated) for one
+base SAE, and `seed_level_asymmetry` combines several base SAEs (one per seed) with a hierarchical bootstrap:
+resample the bases, then the sequences within each, so the interval carries the variance between seeds.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -216,11 +218,9 @@ def spliced_losses(model: Any, sae: SAEBase, hook: str, windows: np.ndarray, mas
 
 
 # --------------------------------------------------------------------------- intervals
-def bootstrap_ratio_deltas(num: np.ndarray, den: np.ndarray, reference: int = 0, n_boot: int = 2000,
-                           ci: float = 0.95, seed: int = 0) -> list[dict[str, float]]:
-    """Paired bootstrap over groups of ``sum(num[c]) / sum(den)`` and of its difference from the
-    `reference` condition, for every condition c (`num [C, G]`, `den [G]`). With den = 1 per group
-    this is the mean over groups (e.g. next-token loss per sequence)."""
+def _ratio_draws(num: np.ndarray, den: np.ndarray, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`sum(num[c]) / sum(den)` per condition c (`num [C, G]`, `den [G]`) and its bootstrap replicates
+    `[n_boot, C]` over groups (one resample of the groups shared by every condition: paired)."""
     num, den = np.asarray(num, np.float64), np.asarray(den, np.float64)
     if num.ndim != 2 or den.shape != (num.shape[1],):
         raise ValueError(f"num must be [C, G] and den [G]; got {num.shape} and {den.shape}")
@@ -229,17 +229,43 @@ def bootstrap_ratio_deltas(num: np.ndarray, den: np.ndarray, reference: int = 0,
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, num.shape[1], size=(n_boot, num.shape[1]))
     counts = np.stack([np.bincount(row, minlength=num.shape[1]) for row in idx]).astype(np.float64)  # [B, G]
-    ratio = (counts @ num.T) / (counts @ den)[:, None]                                                  # [B, C]
-    est = num.sum(1) / den.sum()
+    return num.sum(1) / den.sum(), (counts @ num.T) / (counts @ den)[:, None]
+
+
+def bootstrap_ratio_deltas(num: np.ndarray, den: np.ndarray, reference: int = 0, n_boot: int = 2000,
+                           ci: float = 0.95, seed: int = 0) -> list[dict[str, float]]:
+    """Paired bootstrap over groups of ``sum(num[c]) / sum(den)`` and of its difference from the
+    `reference` condition, for every condition c (`num [C, G]`, `den [G]`). With den = 1 per group
+    this is the mean over groups (e.g. next-token loss per sequence)."""
+    est, ratio = _ratio_draws(num, den, n_boot, seed)
     a = (1 - ci) / 2
     out = []
-    for c in range(num.shape[0]):
+    for c in range(est.shape[0]):
         d = ratio[:, c] - ratio[:, reference]
         out.append({"value": float(est[c]), "low": float(np.quantile(ratio[:, c], a)),
                     "high": float(np.quantile(ratio[:, c], 1 - a)),
                     "delta": float(est[c] - est[reference]), "delta_low": float(np.quantile(d, a)),
                     "delta_high": float(np.quantile(d, 1 - a))})
     return out
+
+
+def hierarchical_mean(estimates: np.ndarray, draws: np.ndarray, ci: float = 0.95, seed: int = 0) -> dict[str, Any]:
+    """Mean over units (base SAEs, one per seed) of a per-unit estimate, with a two-level bootstrap: each
+    replicate resamples the units with replacement and takes, for each drawn unit, its own replicate of a
+    within-unit bootstrap (`draws [n_units, n_boot]`, e.g. over held-out sequences). The interval therefore
+    carries the variance between units, which a within-unit bootstrap alone misses (tests/test_splicing.py
+    shows its coverage on a null with seed effects). One unit gives the within-unit interval."""
+    estimates, draws = np.asarray(estimates, np.float64), np.asarray(draws, np.float64)
+    if estimates.ndim != 1 or draws.ndim != 2 or draws.shape[0] != estimates.shape[0] or estimates.size == 0:
+        raise ValueError(f"estimates must be [n_units > 0] and draws [n_units, n_boot]; got {estimates.shape}, {draws.shape}")
+    n_units, n_boot = draws.shape
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, n_units, size=(n_boot, n_units))                    # [B, n_units] drawn units
+    boot = draws[pick, np.arange(n_boot)[:, None]].mean(1)                   # each drawn unit's own replicate
+    a = (1 - ci) / 2
+    lo, hi = (float(v) for v in np.quantile(boot, [a, 1 - a]))
+    return {"estimate": float(estimates.mean()), "ci95_seed": [lo, hi], "per_base": [float(v) for v in estimates],
+            "n_bases": int(n_units), "excludes_zero": bool(lo > 0 or hi < 0)}
 
 
 def group_means(per_mask: np.ndarray, groups: Mapping[str, Sequence[int]]) -> dict[str, np.ndarray]:
@@ -262,6 +288,10 @@ class AsymmetryResult:
     n_eval_seqs: int
     n_eval_tokens: int
     timings_s: dict[str, float]
+    # the per-group arrays the intervals come from (kept for `seed_level_asymmetry`, not written to JSON):
+    # FVU numerators [C, G] and denominators [G] over held-out groups; losses [C + 2, S] per sequence
+    fvu_parts: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    ce_rows: np.ndarray | None = field(default=None, repr=False)
 
     def table(self):
         """One row per condition (and clean / zero model): latents removed, FVU, CE and their deltas."""
@@ -318,5 +348,33 @@ def functional_asymmetry(model: Any, sae: SAEBase, classes: np.ndarray, heldout:
               "ce": bootstrap_ratio_deltas(rows, np.ones(rows.shape[1]), reference=unstable, n_boot=n_boot, seed=3)[stable]}
     recovered = (ce["zero"]["value"] - ce["full"]["value"]) / (ce["zero"]["value"] - ce["clean"]["value"])
     return AsymmetryResult(names, mask_info, fvu, ce, paired, recovered, int(windows.shape[0]), int(windows.size),
-                           {"fvu": t_fvu, "spliced_loss": t_loss})
+                           {"fvu": t_fvu, "spliced_loss": t_loss}, (err_by_condition, var), rows)
+
+
+def seed_level_asymmetry(results: Sequence[AsymmetryResult], n_boot: int = 2000, ci: float = 0.95,
+                         seed: int = 0) -> dict[str, Any]:
+    """Combine `functional_asymmetry` of several base SAEs (one per seed, each with its own stability
+    classes and masks) into seed-level numbers: for FVU and the spliced loss, each condition's delta vs
+    `full` and the paired `stable - unstable_mass` difference, averaged over the bases, with
+    `hierarchical_mean`'s interval (bases, then held-out groups within each). Verdicts read these."""
+    if not results:
+        raise ValueError("seed_level_asymmetry needs at least one result")
+    names = results[0].names
+    if any(r.names != names for r in results) or any(r.fvu_parts is None or r.ce_rows is None for r in results):
+        raise ValueError("every result must come from functional_asymmetry with the same conditions")
+    stable, unstable = names.index("stable"), names.index("unstable_mass")
+    out: dict[str, Any] = {"n_bases": len(results), "n_boot": n_boot}
+    for metric in ("fvu", "ce"):
+        est, draws = [], []
+        for b, r in enumerate(results):
+            num, den = r.fvu_parts if metric == "fvu" else (r.ce_rows, np.ones(r.ce_rows.shape[1]))
+            e, d = _ratio_draws(num, den, n_boot, seed=seed + 7919 * b + (0 if metric == "fvu" else 1))
+            est.append(e), draws.append(d)
+        est_a, draws_a = np.stack(est), np.stack(draws)                      # [bases, C'], [bases, B, C']
+        conditions = names if metric == "fvu" else names + ["clean", "zero"]
+        out[metric] = {c: hierarchical_mean(est_a[:, i] - est_a[:, 0], draws_a[:, :, i] - draws_a[:, :, 0], ci, seed)
+                       for i, c in enumerate(conditions) if c != "full"}
+        out[metric]["stable_minus_unstable_mass"] = hierarchical_mean(
+            est_a[:, stable] - est_a[:, unstable], draws_a[:, :, stable] - draws_a[:, :, unstable], ci, seed)
+    return out
 

@@ -51,10 +51,12 @@ def _probe(kind: str, name: str, timeout: float) -> str | None:
 
 
 def check_hub_inputs(model_name: str, corpus_sources: Sequence[str] | None, embedded_models: Sequence[str],
-                     timeout: float = 10.0, probe: Callable[[str, str, float], str | None] = _probe) -> None:
+                     timeout: float = 10.0, probe: Callable[[str, str, float], str | None] | None = None) -> None:
     """Raise `HubUnavailableError` naming every hub model/dataset of these settings that cannot be reached.
 
-    Embedded models and embedded corpus sources need nothing; this returns at once for them."""
+    Embedded models and embedded corpus sources need nothing; this returns at once for them. `probe` defaults to
+    the module's `_probe`, looked up at call time (so a test can replace it)."""
+    probe = probe or _probe
     wanted: list[tuple[str, str]] = []
     if model_name not in embedded_models:
         wanted.append(("model", model_name))

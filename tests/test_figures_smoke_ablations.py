@@ -106,7 +106,11 @@ def test_fig5_axes_and_matched_sparsity():
         assert abs(l0[arch] / l0["topk"] - 1) <= match["tolerance"], f"{arch} L0 {l0[arch]} vs topk {l0['topk']}"
     assert match["tolerance"] <= 0.1
     # the architecture panel and the layer/position panels train for a declared budget, each with its own schedule
-    arch_tokens = want.get("arch_n_tokens") or p["family_spec"]["n_tokens"]
+    from replication.studies import consistency  # the architecture families' settings live in notebook 17's params
+
+    arch_tokens = (want.get("arch_n_tokens") or consistency.shared_architecture_settings("smoke")["arch_n_tokens"]
+                   or p["family_spec"]["n_tokens"])
+    assert p["arch_n_tokens_resolved"] == arch_tokens
     assert {pt["schedule_tokens"] for pt in sweeps["architecture"]["points"]} == {arch_tokens}
     layer_tokens = want.get("ablation_n_tokens") or p["family_spec"]["n_tokens"]
     assert {pt["schedule_tokens"] for pt in sweeps["layer"]["points"] + site_points} == {layer_tokens}

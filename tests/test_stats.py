@@ -54,3 +54,27 @@ def test_seed_bootstrap_estimate_and_errors() -> None:
         stats.seed_bootstrap(values[:2], pairs, 3)
     with pytest.raises(ValueError, match="distinct seed indices"):
         stats.seed_bootstrap(values, [(0, 0), (0, 2), (1, 2)], 3)
+
+
+def test_hierarchical_mean_carries_the_variance_between_seeds() -> None:
+    """Calibration on a null with seed effects: every base SAE has its own true stable - unstable difference
+    (mean 0 over seeds, sd 0.05) and 64 sequences of small noise around it. The seed-level interval covers the
+    population's 0 in most runs; one base's sequence-level interval (what notebook 10 reported before) almost
+    never does, so a `hierarchical_mean` that ignored the bases would fail this."""
+    rng = np.random.default_rng(0)
+    n_sims, n_bases, n_seqs, n_boot = 120, 4, 64, 400
+    covered_seed = covered_seq = 0
+    for sim in range(n_sims):
+        effects = rng.normal(0.0, 0.05, n_bases)
+        per_seq = effects[:, None] + rng.normal(0.0, 0.01, (n_bases, n_seqs))            # [bases, sequences]
+        est = per_seq.mean(1)
+        idx = rng.integers(0, n_seqs, size=(n_bases, n_boot, n_seqs))
+        draws = np.take_along_axis(per_seq[:, None, :].repeat(n_boot, 1), idx, axis=2).mean(2)   # [bases, B]
+        lo, hi = stats.hierarchical_mean(est, draws, seed=sim)["ci95_seed"]
+        covered_seed += lo <= 0 <= hi
+        one = stats.hierarchical_mean(est[:1], draws[:1], seed=sim)["ci95_seed"]
+        covered_seq += one[0] <= 0 <= one[1]
+    assert covered_seed / n_sims >= 0.7, covered_seed / n_sims      # 4 clusters: the percentile bootstrap is a bit narrow
+    assert covered_seq / n_sims <= 0.2, covered_seq / n_sims
+    with pytest.raises(ValueError, match="n_units"):
+        stats.hierarchical_mean(np.zeros(3), np.zeros((2, 10)))

@@ -231,9 +231,10 @@ def test_a_revised_architecture_gets_new_keys_and_the_others_keep_theirs() -> No
     from replication import experiments
     from replication.sae.training import TrainConfig
 
-    topk = experiments.FamilySpec(model_dtype="float32", select_dtype="float32", n_tokens=4_000_000)   # the budget then
+    topk = experiments.FamilySpec(model_dtype="float32", select_dtype="float32", n_tokens=4_000_000,
+                                  n_train_tokens=1_000_000)   # the budget and cache then
     assert topk.training_key() == "883c1d1386c1"          # the key before the revision existed
     jump = experiments.FamilySpec(model_dtype="float32", select_dtype="float32", architecture="jumprelu", k=None,
-                                  n_tokens=4_000_000)
+                                  n_tokens=4_000_000, n_train_tokens=1_000_000)
     assert "revision" in TrainConfig(architecture="jumprelu").settings() and "revision" not in TrainConfig().settings()
     assert jump.training_key() == "452c6c5045ac" != "0aa2ac888802"   # now, and before the revision

@@ -148,7 +148,8 @@ def test_streamed_seed_family_trains_with_shared_batches_and_keeps_cached_keys(s
     from replication import experiments
     from replication.io import read_json
 
-    cached = experiments.FamilySpec(model_dtype="float32", select_dtype="float32", n_tokens=4_000_000)   # the budget then
+    cached = experiments.FamilySpec(model_dtype="float32", select_dtype="float32", n_tokens=4_000_000,
+                                      n_train_tokens=1_000_000)   # the budget and cache then
     assert cached.training_key() == "883c1d1386c1"          # the key before streaming existed
     spec = experiments.FamilySpec.from_profile("smoke", activation_source="stream", stream_buffer_tokens=1024,
                                                n_latents=32, seeds=(0, 1), n_tokens=256 * 12, checkpoint_at_tokens=())

@@ -34,7 +34,7 @@ class FamilySpec:
     # activations
     model_name: str = "smollm2-135m"
     hook: str = "blocks.15.hook_mlp_out"
-    n_train_tokens: int = 500_000
+    n_train_tokens: int = 1_000_000
     n_heldout_tokens: int = 100_000
     seq_len: int = 256
     model_dtype: str = "auto"             # forward pass: "auto" = bf16 only where native (devices.py), or forced

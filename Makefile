@@ -84,6 +84,9 @@ $(EXECUTED)/%.ipynb: notebooks/%.ipynb notebooks/params/family/$(PROFILE).yaml n
 # architecture families of Figure 5's architecture panel (07). Order only: a newer 16 or 17 does not make 06 or 07 stale.
 $(EXECUTED)/06_fig4_size_k_tokens.ipynb: | $(EXECUTED)/16_convergence.ipynb
 $(EXECUTED)/07_fig5_layer_model_arch.ipynb: | $(EXECUTED)/17_consistency_views.ipynb
+# 18 loads 16's budget families and 01's random-model floor family (its 2M twin), and reads 16's budgets.
+$(EXECUTED)/18_companion_budgets.ipynb: | $(EXECUTED)/01_fig1_bimodal_cosine.ipynb $(EXECUTED)/16_convergence.ipynb
+$(EXECUTED)/18_companion_budgets.ipynb: notebooks/params/16_convergence/$(PROFILE).yaml
 # 07 reads the architecture families' settings from 17's params file (their one home): a real input of 07.
 $(EXECUTED)/07_fig5_layer_model_arch.ipynb: $(wildcard notebooks/params/17_consistency_views/$(PROFILE).yaml)
 

@@ -25,7 +25,7 @@ _MODULES = {
     "per_latent": "studies.per_latent", "splicing": "studies.splicing", "random_control": "studies.random_control",
     "subspaces": "studies.subspaces", "synthetic": "studies.synthetic", "pooling": "studies.pooling",
     "live_only": "studies.live_only", "orphans": "studies.orphans", "convergence": "studies.convergence",
-    "consistency": "studies.consistency", "streaming": "lm.streaming", "hub": "lm.hub",
+    "consistency": "studies.consistency", "companion": "studies.companion", "streaming": "lm.streaming", "hub": "lm.hub",
     "sparse_assignment": "analysis.sparse_assignment",
 }
 """Short name -> module inside the package (`from replication import matching`)."""

@@ -81,3 +81,25 @@ def test_pooling():
     for fill, info in n["built"].items():
         assert info["from_pool"] + info["filled"] == n["family"]["spec"]["n_latents"]
         assert sum(info["per_source_seed"]) == info["from_pool"] <= n["pool_size"]
+
+
+def test_companion_claims_at_budgets():
+    """Notebook 18: one point per notebook-16 budget, intervals that contain their estimates, the random-model AUC
+    where a twin was asked for, and verdicts that follow from the intervals (recomputed here)."""
+    from replication.plotting import load_figure_json
+    j = load_figure_json("18_companion_budgets", PROFILE)
+    n, params = j["numbers"], j["params"]
+    assert [p["budget"] for p in n["points"]] == sorted(params["budgets"])
+    assert set(params["resolved_dtypes"]) == {"model", "select"}
+    for p in n["points"]:
+        s, r = p["stable_fraction"], p["frequency_relation"]["spearman"]
+        assert s["ci95_seed"][0] <= s["estimate"] <= s["ci95_seed"][1]
+        assert s["estimate"] == pytest.approx(np.mean(s["per_pair"]))
+        assert r["estimate"] == pytest.approx(np.mean(r["per_base"])) and r["n_bases"] == len(params["budget_seeds"])
+        assert ("random_model_auc" in p) == (p["budget"] in params["random_budgets"])
+    rows = n["comparison"]
+    assert len(rows) == 2 * len(n["points"]) + len(params["random_budgets"])
+    for p in n["points"]:
+        lo, hi = p["frequency_relation"]["spearman"]["ci95_seed"]
+        row = next(r for r in rows if r["claim"] == f"unstable latents fire less ({p['budget']:,} tokens)")
+        assert row["holds"] == ("yes" if lo > 0 else "no: they fire more" if hi < 0 else "not resolved")

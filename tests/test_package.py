@@ -130,6 +130,7 @@ def test_make_figures_runs_the_owner_of_shared_families_first(tmp_path: Path) ->
     assert sorted(order) == sorted(names), order
     position = {name[:2]: i for i, name in enumerate(order)}
     assert position["16"] < position["06"] and position["17"] < position["07"], order
+    assert position["01"] < position["18"] and position["16"] < position["18"], order
     assert position["00"] == 0, order
 
 

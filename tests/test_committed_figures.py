@@ -106,3 +106,28 @@ def test_every_committed_figure_names_its_resolved_dtypes() -> None:
         resolved = read_json(p)["params"].get("resolved_dtypes")
         assert isinstance(resolved, dict) and set(resolved) == {"model", "select"}, (p.name, resolved)
         assert set(resolved.values()) <= {"float32", "bfloat16", "float16"}, (p.name, resolved)
+
+
+def test_companion_budgets_json_reads_every_verdict_off_its_seed_level_interval() -> None:
+    """Notebook 18 (issue #17, item 5): the companion claims at every budget of notebook 16, with seed-level
+    intervals, the random-model AUC at its twins' budgets, and verdicts recomputed from the intervals."""
+    d = committed("18_companion_budgets")
+    n, params = d["numbers"], d["params"]
+    assert [p["budget"] for p in n["points"]] == sorted(params["budgets"]) and len(params["budget_seeds"]) >= 4
+    rows = {r["claim"]: r["holds"] for r in n["comparison"]}
+    for p in n["points"]:
+        b = f"{p['budget']:,} tokens"
+        lo, hi = p["stable_fraction"]["ci95_seed"]
+        assert lo <= p["stable_fraction"]["estimate"] <= hi
+        assert rows[f"almost no latents stable at {params['stable_at']} ({b})"] == (
+            "yes" if hi < 0.05 else "no" if lo >= 0.05 else "not resolved")
+        lo, hi = p["frequency_relation"]["spearman"]["ci95_seed"]
+        assert rows[f"unstable latents fire less ({b})"] == (
+            "yes" if lo > 0 else "no: they fire more" if hi < 0 else "not resolved")
+        if p["budget"] in params["random_budgets"]:
+            a = p["random_model_auc"]
+            lo, hi = a["ci95_seed"]
+            m = params["auc_margin"]
+            assert a["per_base"] and a["estimate"] == pytest.approx(np.mean(a["per_base"]))
+            assert rows[f"per-latent stability separates the real from the random model ({b})"] == (
+                "yes" if lo > 0.5 + m or hi < 0.5 - m else "no" if 0.5 - m < lo and hi < 0.5 + m else "not resolved")

@@ -45,6 +45,31 @@ def notebook_params_file(notebook: str, profile: str) -> Path:
     return NOTEBOOKS_DIR / "params" / notebook / f"{profile}.yaml"
 
 
+def notebook_settings(notebook: str, profile: str) -> dict:
+    """A notebook's settings for `profile` as papermill resolves them: the literal assignments of its
+    `parameters` cell, overlaid with `notebook_params_file(notebook, profile)` (which must exist)."""
+    import ast
+    import json
+
+    import yaml
+
+    f = notebook_params_file(notebook, profile)
+    if not f.exists():
+        raise ValueError(f"no {notebook} settings for profile {profile!r}: {f} is missing")
+    nb = NOTEBOOKS_DIR / f"{notebook}.ipynb"
+    cell = next((c for c in json.loads(nb.read_text())["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])), None)
+    if cell is None:
+        raise ValueError(f"{nb} has no cell tagged 'parameters'")
+    own = {}
+    for node in ast.parse("".join(cell["source"])).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                own[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                continue
+    return {**own, **(yaml.safe_load(f.read_text()) or {})}
+
+
 def profile_names() -> list[str]:
     """The profiles that have a family file."""
     return sorted(p.stem for p in (NOTEBOOKS_DIR / "params" / "family").glob("*.yaml"))

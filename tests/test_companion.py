@@ -108,11 +108,11 @@ def test_budget_settings_read_notebook_16s_params_file_and_take_overrides() -> N
     from replication import paths
     smoke = yaml.safe_load(paths.notebook_params_file("16_convergence", "smoke").read_text())
     assert companion.budget_settings("smoke") == {"budgets": smoke["budgets"], "budget_seeds": smoke["budget_seeds"]}
-    cell = companion.notebook_defaults(paths.NOTEBOOKS_DIR / "16_convergence.ipynb")   # default.yaml sets neither
+    cell = paths.notebook_settings("16_convergence", "default")   # default.yaml sets neither: the parameters cell
     assert companion.budget_settings("default") == {"budgets": cell["budgets"], "budget_seeds": cell["budget_seeds"]}
     assert cell["budgets"] == [1_000_000, 2_000_000, 4_000_000, 8_000_000]
     assert companion.budget_settings("default", budgets=[1, 2])["budgets"] == [1, 2]
     with pytest.raises(ValueError, match="not budget settings"):
         companion.budget_settings("default", n_latents=3)
-    with pytest.raises(ValueError, match="no notebook-16 settings"):
+    with pytest.raises(ValueError, match="no 16_convergence settings"):
         companion.budget_settings("no-such-profile")

@@ -68,16 +68,10 @@ def test_learning_rate_rule_lives_in_one_function() -> None:
 
 def test_default_ablation_points_have_at_least_four_seeds() -> None:
     """Seed-level intervals need seeds to resample: every default ablation point trains >= 4 seeds (6 pairs)."""
-    import ast
-
     for name, key in (("06_fig4_size_k_tokens", "sweep_seeds"), ("07_fig5_layer_model_arch", "ablation_seeds"),
                       ("16_convergence", "budget_seeds"), ("17_consistency_views", "arch_seeds")):
-        nb = json.loads((paths.NOTEBOOKS_DIR / f"{name}.ipynb").read_text())
-        cell = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
-        tree = ast.parse("".join(cell["source"]))
-        value = next(ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == key)
-        override = (yaml.safe_load((paths.NOTEBOOKS_DIR / "params" / name / "default.yaml").read_text()) or {}).get(key)
-        assert len(override or value) >= 4, (name, override or value)
+        value = paths.notebook_settings(name, "default")[key]      # the parameters cell, then default.yaml
+        assert len(value) >= 4, (name, value)
 
 
 @pytest.mark.parametrize("profile", ["smoke", "default", "paper"])

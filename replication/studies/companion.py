@@ -17,14 +17,10 @@ latents, so the interval carries the variance between seeds.
 """
 from __future__ import annotations
 
-import ast
 import itertools
-import json
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import yaml
 from scipy.stats import rankdata
 
 from .. import paths
@@ -46,28 +42,8 @@ def budget_settings(profile: str, **overrides: Any) -> dict[str, Any]:
     unknown = sorted(set(overrides) - set(BUDGET_KEYS))
     if unknown:
         raise ValueError(f"{unknown} are not budget settings; expected some of {list(BUDGET_KEYS)}")
-    f = paths.notebook_params_file("16_convergence", profile)
-    if not f.exists():
-        raise ValueError(f"no notebook-16 settings for profile {profile!r}: {f} is missing")
-    # as papermill resolves them: the notebook's parameters cell, then the profile's file
-    own = {**notebook_defaults(paths.NOTEBOOKS_DIR / "16_convergence.ipynb"), **(yaml.safe_load(f.read_text()) or {})}
+    own = paths.notebook_settings("16_convergence", profile)
     return {key: overrides[key] if overrides.get(key) is not None else own[key] for key in BUDGET_KEYS}
-
-
-def notebook_defaults(path: Any) -> dict[str, Any]:
-    """The literal assignments of a notebook's `parameters` cell (its papermill defaults)."""
-    nb = json.loads(Path(path).read_text())
-    cell = next((c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])), None)
-    if cell is None:
-        raise ValueError(f"{path} has no cell tagged 'parameters'")
-    out = {}
-    for node in ast.parse("".join(cell["source"])).body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            try:
-                out[node.targets[0].id] = ast.literal_eval(node.value)
-            except ValueError:
-                continue
-    return out
 
 
 def stable_fraction(fm: Any, at: float = 0.9, n_boot: int = 500, seed: int = 0) -> dict[str, Any]:
@@ -87,17 +63,21 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
-def _per_unit(statistic, samples: Sequence[tuple[np.ndarray, ...]], n_boot: int, seed: int) -> dict[str, Any]:
+def _per_unit(statistic, samples: Sequence[tuple[np.ndarray, ...]], n_boot: int, seed: int,
+              paired: bool = True) -> dict[str, Any]:
     """`statistic(*sample)` per unit (seed) and its mean over units with `stats.hierarchical_mean`: the
-    within-unit replicates resample the unit's latents (the same indices in each of its arrays)."""
+    within-unit replicates resample the unit's latents, with the same indices in each of its arrays
+    (`paired`: values of the same latents) or each array on its own (two families' latents)."""
     rng = np.random.default_rng(seed)
     estimates = np.array([statistic(*s) for s in samples])
     draws = np.empty((len(samples), n_boot))
     for u, s in enumerate(samples):
-        n = len(s[0])
         for b in range(n_boot):
-            pick = rng.integers(0, n, n)
-            draws[u, b] = statistic(*(a[pick] for a in s))
+            if paired:
+                pick = rng.integers(0, len(s[0]), len(s[0]))
+                draws[u, b] = statistic(*(a[pick] for a in s))
+            else:
+                draws[u, b] = statistic(*(a[rng.integers(0, len(a), len(a))] for a in s))
     return hierarchical_mean(estimates, draws, seed=seed)
 
 
@@ -130,11 +110,7 @@ def latent_auc(real: Any, random: Any, threshold: float = DEFAULT_THRESHOLD, def
     a = real.matching.shared_counts(definition, threshold) / n_other
     b = random.matching.shared_counts(definition, threshold) / n_other
     # one unit = one seed; its latents of both families are resampled independently
-    rng = np.random.default_rng(seed)
-    estimates = np.array([auc(a[i], b[i]) for i in range(len(a))])
-    draws = np.array([[auc(a[i][rng.integers(0, a.shape[1], a.shape[1])], b[i][rng.integers(0, b.shape[1], b.shape[1])])
-                       for _ in range(n_boot)] for i in range(len(a))])
-    out = hierarchical_mean(estimates, draws, seed=seed)
+    out = _per_unit(auc, [(a[i], b[i]) for i in range(len(a))], n_boot, seed, paired=False)
     lo, hi = out["ci95_seed"]
     out["separates"] = ("yes" if lo > 0.5 + AUC_MARGIN or hi < 0.5 - AUC_MARGIN else
                         "no" if 0.5 - AUC_MARGIN < lo and hi < 0.5 + AUC_MARGIN else "not resolved")
@@ -182,5 +158,5 @@ def verdict_rows(points: Sequence[dict[str, Any]], almost_none: float = 0.05) ->
     return rows
 
 
-__all__ = ["AUC_MARGIN", "BUDGET_KEYS", "budget_settings", "notebook_defaults", "stable_fraction",
+__all__ = ["AUC_MARGIN", "BUDGET_KEYS", "budget_settings", "stable_fraction",
            "frequency_relation", "latent_auc", "companion_point", "verdict_rows"]

@@ -45,16 +45,17 @@ def notebook_params_file(notebook: str, profile: str) -> Path:
     return NOTEBOOKS_DIR / "params" / notebook / f"{profile}.yaml"
 
 
-def notebook_settings(notebook: str, profile: str) -> dict:
+def notebook_settings(notebook: str, profile: str, missing_ok: bool = False) -> dict:
     """A notebook's settings for `profile` as papermill resolves them: the literal assignments of its
-    `parameters` cell, overlaid with `notebook_params_file(notebook, profile)` (which must exist)."""
+    `parameters` cell, overlaid with `notebook_params_file(notebook, profile)` (which must exist, unless
+    `missing_ok`: a user's own profile may have no file for this notebook, and then runs it on the cell's)."""
     import ast
     import json
 
     import yaml
 
     f = notebook_params_file(notebook, profile)
-    if not f.exists():
+    if not f.exists() and not missing_ok:
         raise ValueError(f"no {notebook} settings for profile {profile!r}: {f} is missing")
     nb = NOTEBOOKS_DIR / f"{notebook}.ipynb"
     cell = next((c for c in json.loads(nb.read_text())["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])), None)
@@ -67,7 +68,7 @@ def notebook_settings(notebook: str, profile: str) -> dict:
                 own[node.targets[0].id] = ast.literal_eval(node.value)
             except ValueError:
                 continue
-    return {**own, **(yaml.safe_load(f.read_text()) or {})}
+    return {**own, **((yaml.safe_load(f.read_text()) or {}) if f.exists() else {})}
 
 
 def profile_names() -> list[str]:

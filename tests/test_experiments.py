@@ -92,3 +92,17 @@ def test_figure5_architecture_panel_and_notebook_17_share_families(profile: str)
     assert consistency.shared_architecture_settings(profile, arch_n_latents=48)["arch_n_latents"] == 48
     with pytest.raises(ValueError, match=r"\['k'\] are not architecture-panel settings"):
         consistency.shared_architecture_settings(profile, k=8)
+
+
+def test_a_profile_without_notebook_17s_params_file_takes_its_parameters_cell() -> None:
+    """A user's own profile may have no params file for notebook 17: Figure 5's architecture panel then asks
+    for what notebook 17 would run on, its parameters cell (all None: the family's size and budget)."""
+    from replication.studies import consistency
+
+    with pytest.raises(ValueError, match="no 17_consistency_views settings"):
+        paths.notebook_settings("17_consistency_views", "no-such-profile")
+    cell = paths.notebook_settings("17_consistency_views", "no-such-profile", missing_ok=True)
+    assert cell["threshold"] == 0.7 and cell["arch_seeds"] == [0, 1, 2, 3]
+    keys = consistency.ARCHITECTURE_PANEL_KEYS
+    assert consistency.shared_architecture_settings("no-such-profile") == {k: cell[k] for k in keys}
+    assert consistency.shared_architecture_settings("no-such-profile", arch_n_tokens=5)["arch_n_tokens"] == 5

@@ -292,6 +292,22 @@ def test_stratified_sample_and_alignment():
     assert sp["rho"] == pytest.approx(1.0) and sp["p_value"] < 0.01
 
 
+def test_spearman_matches_scipy_drops_non_finite_pairs_and_is_nan_where_undefined() -> None:
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal(50), rng.standard_normal(50)
+    y[:25] += x[:25]
+    assert stats.spearman(x, y) == pytest.approx(spearmanr(x, y).statistic, abs=1e-12)
+    x_nan = x.copy()
+    x_nan[[4, 9]] = np.nan
+    keep = np.isfinite(x_nan)
+    assert stats.spearman(x_nan, y) == pytest.approx(spearmanr(x[keep], y[keep]).statistic, abs=1e-12)
+    assert stats.spearman_with_permutation(x_nan, y, n_perm=50)["rho"] == stats.spearman(x_nan, y)
+    assert np.isnan(stats.spearman(np.ones(10), y[:10])) and np.isnan(stats.spearman(x[:2], y[:2]))
+    assert np.isnan(stats.spearman_with_permutation(np.ones(10), y[:10])["p_value"])
+
+
 # --------------------------------------------------------------------------- real data (smoke family)
 def _smoke_family():
     """The smoke family `make nbval` trained; fails (never skips) when it is missing."""

@@ -169,15 +169,28 @@ def permutation_test(x: np.ndarray, y: np.ndarray, n_perm: int = 1000, seed: int
             "stat": stat, "seed": seed, "n_x": int(x.size), "n_y": int(y.size)}
 
 
-def spearman_with_permutation(x: np.ndarray, y: np.ndarray, n_perm: int = 2000, seed: int = 0) -> dict[str, float]:
-    """Spearman rho of x and y and a two-sided permutation p-value (NaNs dropped)."""
-
+def _finite_ranks(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     x, y = np.asarray(x, float), np.asarray(y, float)
     ok = np.isfinite(x) & np.isfinite(y)
-    x, y = rankdata(x[ok]), rankdata(y[ok])
+    return rankdata(x[ok]), rankdata(y[ok])
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman rho of x and y over the pairs where both are finite; NaN where it is undefined (fewer than
+    3 pairs, or either side constant)."""
+    x, y = _finite_ranks(x, y)
     if len(x) < 3 or x.std() == 0 or y.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def spearman_with_permutation(x: np.ndarray, y: np.ndarray, n_perm: int = 2000, seed: int = 0) -> dict[str, float]:
+    """`spearman(x, y)` and a two-sided permutation p-value (NaNs dropped)."""
+
+    rho = spearman(x, y)
+    x, y = _finite_ranks(x, y)
+    if not np.isfinite(rho):
         return {"rho": float("nan"), "p_value": float("nan"), "n": int(len(x))}
-    rho = float(np.corrcoef(x, y)[0, 1])
     rng = np.random.default_rng(seed)
     perms = np.array([np.corrcoef(x, rng.permutation(y))[0, 1] for _ in range(n_perm)])
     p = float((np.sum(np.abs(perms) >= abs(rho) - 1e-12) + 1) / (n_perm + 1))

@@ -21,12 +21,11 @@ import itertools
 from typing import Any, Sequence
 
 import numpy as np
-from scipy.stats import rankdata
 
 from .. import paths
 from ..analysis.matching import DEFAULT_THRESHOLD
 from ..analysis.stability import firing_frequency
-from ..analysis.stats import auc, hierarchical_mean, seed_bootstrap
+from ..analysis.stats import auc, hierarchical_mean, seed_bootstrap, spearman
 
 AUC_MARGIN = 0.1
 """Per-latent separation counts when the AUC's interval lies beyond 0.5 +/- this (notebook 12's criterion)."""
@@ -57,10 +56,10 @@ def stable_fraction(fm: Any, at: float = 0.9, n_boot: int = 500, seed: int = 0) 
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> float:
-    rx, ry = rankdata(x), rankdata(y)
-    if rx.std() == 0 or ry.std() == 0:
-        return 0.0
-    return float(np.corrcoef(rx, ry)[0, 1])
+    """`stats.spearman`, with 0 (no relation) where it is undefined: a bootstrap replicate of a seed whose
+    resampled latents all share one value must not turn the seed-level mean into NaN."""
+    rho = spearman(x, y)
+    return rho if np.isfinite(rho) else 0.0
 
 
 def _per_unit(statistic, samples: Sequence[tuple[np.ndarray, ...]], n_boot: int, seed: int,

@@ -22,7 +22,6 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from .. import paths
 from ..io import read_json
@@ -49,16 +48,16 @@ ARCHITECTURE_PANEL_KEYS: tuple[str, ...] = ("arch_n_latents", "arch_n_tokens", "
 
 
 def shared_architecture_settings(profile: str, **overrides: Any) -> dict[str, Any]:
-    """Notebook 17's `ARCHITECTURE_PANEL_KEYS` for `profile` (its params file is their one home), with any
-    non-None value in `overrides` (a papermill parameter of notebook 07) taking precedence.
+    """Notebook 17's `ARCHITECTURE_PANEL_KEYS` for `profile` as papermill resolves them (its parameters cell,
+    overlaid with its params file, their one home, where the profile has one), with any non-None value in
+    `overrides` (a papermill parameter of notebook 07) taking precedence.
 
     Figure 5's architecture panel loads notebook 17's families, so both must ask for the same size, budget
     and first calibration round; reading them from one file keeps them equal."""
     unknown = sorted(set(overrides) - set(ARCHITECTURE_PANEL_KEYS))
     if unknown:
         raise ValueError(f"{unknown} are not architecture-panel settings; expected some of {list(ARCHITECTURE_PANEL_KEYS)}")
-    f = paths.notebook_params_file("17_consistency_views", profile)
-    own = (yaml.safe_load(f.read_text()) or {}) if f.exists() else {}
+    own = paths.notebook_settings("17_consistency_views", profile, missing_ok=True)
     return {key: overrides[key] if overrides.get(key) is not None else own.get(key) for key in ARCHITECTURE_PANEL_KEYS}
 
 

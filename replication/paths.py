@@ -7,7 +7,9 @@ them to work in a temporary folder).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 PROJECT_ROOT: Path = Path(__file__).resolve().parent.parent
 DATA_DIR: Path = Path(os.environ.get("REPLICATION_DATA_DIR", PROJECT_ROOT / "data"))
@@ -69,6 +71,25 @@ def notebook_settings(notebook: str, profile: str, missing_ok: bool = False) -> 
             except ValueError:
                 continue
     return {**own, **((yaml.safe_load(f.read_text()) or {}) if f.exists() else {})}
+
+
+def borrowed_settings(notebook: str, profile: str, keys: Sequence[str], overrides: Mapping[str, Any],
+                      what: str, missing_ok: bool = False) -> dict[str, Any]:
+    """The `keys` of another notebook's settings for `profile` (`notebook_settings`), with any non-None value
+    in `overrides` (the borrowing notebook's papermill parameters) taking precedence.
+
+    A notebook that loads another's families must ask for the same settings; reading them from that notebook's
+    one home keeps both equal. An override outside `keys` is an error naming `what` they are; so is a key the
+    lender does not set, unless `missing_ok` (then the key is None and the borrower falls back on its own)."""
+    unknown = sorted(set(overrides) - set(keys))
+    if unknown:
+        raise ValueError(f"{unknown} are not {what} settings; expected some of {list(keys)}")
+    own = notebook_settings(notebook, profile, missing_ok=missing_ok)
+    unset = [key for key in keys if key not in own and overrides.get(key) is None]
+    if unset and not missing_ok:
+        raise ValueError(f"{notebook} sets no {unset} for profile {profile!r} (its parameters cell and "
+                         f"{notebook_params_file(notebook, profile)}); pass them as parameters")
+    return {key: overrides[key] if overrides.get(key) is not None else own.get(key) for key in keys}
 
 
 def profile_names() -> list[str]:

@@ -106,3 +106,17 @@ def test_a_profile_without_notebook_17s_params_file_takes_its_parameters_cell() 
     keys = consistency.ARCHITECTURE_PANEL_KEYS
     assert consistency.shared_architecture_settings("no-such-profile") == {k: cell[k] for k in keys}
     assert consistency.shared_architecture_settings("no-such-profile", arch_n_tokens=5)["arch_n_tokens"] == 5
+
+
+def test_borrowed_settings_names_a_key_the_lending_notebook_does_not_set() -> None:
+    """`paths.borrowed_settings` (notebooks 07 and 18 borrow 17's and 16's settings): a key the lender sets
+    nowhere is an error naming it, unless the borrower passes it or `missing_ok` lets the borrower fall back."""
+    keys = ("budgets", "no_such_key")
+    with pytest.raises(ValueError, match=r"16_convergence sets no \['no_such_key'\]"):
+        paths.borrowed_settings("16_convergence", "smoke", keys, {}, what="budget")
+    got = paths.borrowed_settings("16_convergence", "smoke", keys, {"no_such_key": 3, "budgets": None}, what="budget")
+    assert got["no_such_key"] == 3
+    assert got["budgets"] == paths.notebook_settings("16_convergence", "smoke")["budgets"]
+    assert paths.borrowed_settings("16_convergence", "smoke", keys, {}, what="budget", missing_ok=True)["no_such_key"] is None
+    with pytest.raises(ValueError, match=r"\['k'\] are not budget settings"):
+        paths.borrowed_settings("16_convergence", "smoke", keys, {"k": 1}, what="budget")

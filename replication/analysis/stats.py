@@ -178,17 +178,21 @@ def _finite_ranks(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
     """Spearman rho of x and y over the pairs where both are finite; NaN where it is undefined (fewer than
     3 pairs, or either side constant)."""
-    x, y = _finite_ranks(x, y)
-    if len(x) < 3 or x.std() == 0 or y.std() == 0:
+    return _pearson_of_ranks(*_finite_ranks(x, y))
+
+
+def _pearson_of_ranks(rx: np.ndarray, ry: np.ndarray) -> float:
+    """Pearson r of two rank vectors (Spearman rho of what they rank); NaN under 3 pairs or a constant side."""
+    if len(rx) < 3 or rx.std() == 0 or ry.std() == 0:
         return float("nan")
-    return float(np.corrcoef(x, y)[0, 1])
+    return float(np.corrcoef(rx, ry)[0, 1])
 
 
 def spearman_with_permutation(x: np.ndarray, y: np.ndarray, n_perm: int = 2000, seed: int = 0) -> dict[str, float]:
     """`spearman(x, y)` and a two-sided permutation p-value (NaNs dropped)."""
 
-    rho = spearman(x, y)
-    x, y = _finite_ranks(x, y)
+    x, y = _finite_ranks(x, y)                      # ranked once: the statistic and every permutation use them
+    rho = _pearson_of_ranks(x, y)
     if not np.isfinite(rho):
         return {"rho": float("nan"), "p_value": float("nan"), "n": int(len(x))}
     rng = np.random.default_rng(seed)

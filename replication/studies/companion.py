@@ -38,11 +38,7 @@ BUDGET_KEYS = ("budgets", "budget_seeds")
 def budget_settings(profile: str, **overrides: Any) -> dict[str, Any]:
     """Notebook 16's `BUDGET_KEYS` for `profile`, with any non-None value in `overrides` taking precedence:
     the families measured here are notebook 16's, loaded, so both must name the same budgets and seeds."""
-    unknown = sorted(set(overrides) - set(BUDGET_KEYS))
-    if unknown:
-        raise ValueError(f"{unknown} are not budget settings; expected some of {list(BUDGET_KEYS)}")
-    own = paths.notebook_settings("16_convergence", profile)
-    return {key: overrides[key] if overrides.get(key) is not None else own[key] for key in BUDGET_KEYS}
+    return paths.borrowed_settings("16_convergence", profile, BUDGET_KEYS, overrides, what="budget")
 
 
 def stable_fraction(fm: Any, at: float = 0.9, n_boot: int = 500, seed: int = 0) -> dict[str, Any]:

@@ -54,11 +54,8 @@ def shared_architecture_settings(profile: str, **overrides: Any) -> dict[str, An
 
     Figure 5's architecture panel loads notebook 17's families, so both must ask for the same size, budget
     and first calibration round; reading them from one file keeps them equal."""
-    unknown = sorted(set(overrides) - set(ARCHITECTURE_PANEL_KEYS))
-    if unknown:
-        raise ValueError(f"{unknown} are not architecture-panel settings; expected some of {list(ARCHITECTURE_PANEL_KEYS)}")
-    own = paths.notebook_settings("17_consistency_views", profile, missing_ok=True)
-    return {key: overrides[key] if overrides.get(key) is not None else own.get(key) for key in ARCHITECTURE_PANEL_KEYS}
+    return paths.borrowed_settings("17_consistency_views", profile, ARCHITECTURE_PANEL_KEYS, overrides,
+                                   what="architecture-panel", missing_ok=True)
 
 
 def architecture_base(spec: Any, n_latents: int | None = None, n_tokens: int | None = None,

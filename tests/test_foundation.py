@@ -27,7 +27,9 @@ def test_loss_of_trained_model_beats_random(smol_model):
     corp = corpus.build_corpus(smol_model.tokenizer, "smollm2-135m", sources=("wikipedia",), max_tokens=20_000, progress=False)
     held = corp.tokens("heldout")
     trained = next_token_loss(smol_model, held, seq_len=64, n_seqs=4)
-    random = next_token_loss(load_model("smollm2-135m", random_init=True), held, seq_len=64, n_seqs=4)
+    random_model = load_model("smollm2-135m", random_init=True)
+    assert not random_model.training and not smol_model.training      # both in eval mode, as the cache uses them
+    random = next_token_loss(random_model, held, seq_len=64, n_seqs=4)
     assert 1.5 < trained < 4.5, trained
     assert random > 9.0, random
 

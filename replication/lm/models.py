@@ -353,6 +353,7 @@ def _random_like(cfg, tokenizer, seed: int, device, dtype: str):
     new_cfg = HookedTransformerConfig(**{k: v for k, v in cfg_dict.items() if k in HookedTransformerConfig.__dataclass_fields__})
     model = HookedTransformer(new_cfg, tokenizer=tokenizer)
     model.to(device)
+    model.eval()                   # as the real loader leaves it (TL has no dropout: the outputs do not change)
     bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
     if bad:
         raise RuntimeError(f"random-initialised model has non-finite weights in {bad[:3]}")

@@ -90,6 +90,11 @@ def test_live_only_statistics():
     assert s["random"]["stability_fraction"]["0.7"]["estimate"] == 0, "random directions of width d never match at 0.7"
     assert s["live"]["median"]["estimate"] > s["random"]["median"]["estimate"]
     assert 0 < n["permutation_pooled"]["p_value"] <= 1
+    g = n["live_median_gain"]                 # per pair: the two medians the summary records, subtracted
+    assert g["ci95_seed"][0] <= g["estimate"] <= g["ci95_seed"][1]
+    np.testing.assert_allclose(g["per_pair"], np.subtract(s["live"]["pair_medians"], s["all"]["pair_medians"]), atol=1e-12)
+    assert g["verdict"] == ("not testable: no dead latents" if n["dead_fraction"] == 0 else g["verdict"])
+    assert g["verdict"] != "yes" or g["ci95_seed"][0] > 0
 
 
 

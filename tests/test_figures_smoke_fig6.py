@@ -109,3 +109,20 @@ def test_llm_scores_in_range_and_sample_stratified(payload):
     assert sorted(r["latent"] for r in seed_a) == sorted(n["llm_sample"])
     per_count = np.bincount([r["shared_count"] for r in seed_a])
     assert per_count.max() <= max(1, payload["params"]["llm_per_count"])
+
+
+def test_low_alignment_score_gap_is_the_difference_of_the_recorded_means_and_its_verdict_follows_p(payload):
+    """The gap behind "low-alignment pairs: scores differ" is the two recorded mean |Δscore| subtracted, and
+    "yes" needs p < 0.05 (never a bare comparison of the means)."""
+    for tag in ("lexical", "llm"):
+        n = payload["numbers"].get(tag)
+        if not n:
+            continue
+        g = n["score_gap_low_vs_high_alignment"]
+        if g["gap"] is None:
+            assert g["verdict"].startswith("not testable")
+            continue
+        low, high = n["mean_abs_score_diff_low_alignment"], n["mean_abs_score_diff_high_alignment"]
+        assert g["gap"] == pytest.approx(low - high, abs=1e-9)
+        assert g["n_low"] + g["n_high"] == n["pairs_scored"]
+        assert (g["verdict"] == "yes") == (g["gap"] > 0 and g["p_value"] < 0.05)

@@ -385,3 +385,29 @@ def test_matched_pairs_and_summary():
     assert n["scored_latents"] == 4 and n["unscored_latents"] == 1
     assert n["mean_abs_score_diff_low_alignment"] == pytest.approx(0.4)
     assert n["mean_abs_score_diff_high_alignment"] == pytest.approx(0.35)
+
+
+def _scored_pairs(n: int, gap: float, seed: int) -> "pd.DataFrame":
+    """Matched pairs whose scores differ by |N(0, 0.1)| plus `gap` where the alignment is below 0.7."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    alignment = rng.uniform(0.2, 1.0, n)
+    s1 = rng.uniform(0.5, 0.9, n)
+    s2 = s1 + rng.normal(0, 0.1, n) + np.where(alignment < 0.7, gap, 0.0) * rng.choice([-1, 1], n)
+    return pd.DataFrame({"alignment": alignment, "score_1": s1, "score_2": s2})
+
+
+def test_alignment_score_gap_says_yes_on_a_real_gap_and_not_on_a_null_of_the_same_size() -> None:
+    """Figure 6's "low-alignment pairs: scores differ" verdict. Power: a 0.2 gap at 80 pairs is "yes" every
+    time. Calibration: with no gap, at most 3 "yes" in 40 draws (a 5% test gives 2 in expectation), while the
+    bare comparison of the two means it replaced says "differ" about half the time."""
+    from replication import interpretability as interp
+
+    assert all(interp.alignment_score_gap(_scored_pairs(80, 0.2, s), n_perm=500)["verdict"] == "yes" for s in range(5))
+    null = [interp.alignment_score_gap(_scored_pairs(80, 0.0, 100 + s), n_perm=500) for s in range(40)]
+    assert sum(r["verdict"] == "yes" for r in null) <= 3, [(round(r["gap"], 3), r["p_value"]) for r in null]
+    assert sum(r["gap"] > 0 for r in null) >= 10
+    few = _scored_pairs(80, 0.0, 0)
+    few.loc[few.alignment < 0.7, "score_2"] = np.nan                    # no scored low-alignment pair left
+    assert interp.alignment_score_gap(few)["verdict"].startswith("not testable")

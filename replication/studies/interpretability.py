@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import paths
-from ..analysis.stats import auc, balanced_accuracy, spearman_with_permutation
+from ..analysis.stats import auc, balanced_accuracy, permutation_test, spearman_with_permutation
 from ..experiments import FinishedFamily
 from ..io import atomic_path, read_json, settings_key, write_json_atomic
 from ..lm.activations import heldout_token_windows
@@ -446,6 +446,27 @@ def matched_pairs(scores_a: pd.DataFrame, scores_b: pd.DataFrame, partner: np.nd
     return out
 
 
+def alignment_score_gap(pairs: pd.DataFrame, threshold: float = 0.7, n_perm: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Do poorly aligned partners (decoder cosine < `threshold`) disagree more in score than well-aligned ones?
+
+    The statistic is mean |score_1 - score_2| of the low-alignment pairs minus that of the others (`matched_pairs`
+    rows with both scores), with a two-sided permutation p-value. The units are the latent pairs of one seed pair
+    (Figure 6 studies two seeds), so no seed-level variance enters: the p-value says whether the gap is more
+    than a relabelling of these latents would give. The verdict is "yes" only for a gap above 0 at p < 0.05;
+    a bare comparison of the two means would call a gap of either sign half the time under the null."""
+    good = pairs.dropna(subset=["score_1", "score_2"])
+    diff = (good.score_1 - good.score_2).abs().to_numpy(np.float64)
+    low = good.alignment.to_numpy() < threshold
+    out: dict[str, Any] = {"threshold": threshold, "n_low": int(low.sum()), "n_high": int((~low).sum())}
+    if out["n_low"] < 2 or out["n_high"] < 2:
+        return {**out, "gap": None, "p_value": None, "verdict": "not testable: fewer than 2 scored pairs on a side"}
+    test = permutation_test(diff[low], diff[~low], n_perm=n_perm, seed=seed)
+    gap, p = test["observed"], test["p_value"]
+    verdict = ("yes" if gap > 0 and p < 0.05 else "opposite (well-aligned pairs differ more)" if gap < 0 and p < 0.05
+               else f"not resolved (p = {p:.3f})")
+    return {**out, "gap": gap, "p_value": p, "n_perm": n_perm, "verdict": verdict}
+
+
 def summary_numbers(scores: pd.DataFrame, pairs: pd.DataFrame, n_other: int, high: float = 0.8,
                     threshold: float = 0.7) -> dict[str, Any]:
     """The numbers Figure 6 is read by: score quartiles, per-shared-count table, the shared-vs-orphan
@@ -470,6 +491,7 @@ def summary_numbers(scores: pd.DataFrame, pairs: pd.DataFrame, n_other: int, hig
         "pairs_scored": int(len(good)),
         "mean_abs_score_diff_low_alignment": float((low.score_1 - low.score_2).abs().mean()) if len(low) else None,
         "mean_abs_score_diff_high_alignment": float((high_al.score_1 - high_al.score_2).abs().mean()) if len(high_al) else None,
+        "score_gap_low_vs_high_alignment": alignment_score_gap(pairs, threshold),
         "score_correlation_low_alignment": float(np.corrcoef(low.score_1, low.score_2)[0, 1]) if len(low) > 2 else None,
         "score_correlation_high_alignment": (float(np.corrcoef(high_al.score_1, high_al.score_2)[0, 1])
                                              if len(high_al) > 2 else None),

@@ -132,7 +132,10 @@ def orphan_study(family: FinishedFamily, a: int, b: int, settings: interp.Contex
         n_prompts = int((llm_all.n_pos + llm_all.n_neg).sum() + 2 * llm.n_calibration * llm_all.status.eq("ok").sum())
         pipelines["llm"] = {"explainer": explainer.config(), "scorer": scorer.config(), "explainer_name": explainer.name,
                             "scorer_name": scorer.name, "seconds": llm_s, "latents": int(len(llm_all)),
-                            "seconds_per_latent": llm_s / max(len(llm_all), 1), "scoring_prompts_approx": n_prompts}
+                            # from the rows' own timings (recorded when each was computed), so a rerun that loads
+                            # cached rows still reports what explaining and scoring a latent costs
+                            "seconds_per_latent": float((llm_all.explain_s + llm_all.score_s).sum()) / max(len(llm_all), 1),
+                            "scoring_prompts_approx": n_prompts}
     return OrphanStudy((family.spec.seeds[a], family.spec.seeds[b]), fm.n_seeds - 1, definition, threshold, high, contexts,
                        counts, pd.concat([lex_a, lex_b], ignore_index=True), lex_pairs, lexical_s, sample, llm_all, llm_pairs,
                        llm_s, pipelines)

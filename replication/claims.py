@@ -36,6 +36,19 @@ def effect_row(claim: str, paper: str, effect: Mapping[str, Any], expected_sign:
     return {"claim": claim, "paper": paper, "ours": (what + " " if what else "") + ours, "holds": verdict}
 
 
+def tested_verdict(estimate: float | None, p_value: float | None, expected_sign: int = 1, alpha: float = 0.05) -> str:
+    """The verdict of a claim tested by a p-value: "yes" when the estimate has the expected sign and
+    p < `alpha`, "opposite" when it has the other sign and p < `alpha`, else "not resolved (p = ...)".
+    A bare comparison of point estimates would call a difference of either sign half the time under the null."""
+    if expected_sign not in (-1, 1):
+        raise ValueError(f"expected_sign must be -1 or +1, got {expected_sign!r}")
+    if estimate is None or p_value is None or not (np.isfinite(estimate) and np.isfinite(p_value)):
+        return "not testable: no estimate"
+    if p_value < alpha and estimate != 0:
+        return "yes" if np.sign(estimate) == expected_sign else "opposite"
+    return f"not resolved (p = {p_value:.3f})"
+
+
 def table(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     """The claims table: every row has `claim`, `ours` and `holds`, and usually the reference's value
     (`paper` or `study`; Figure 6 puts it in the claim text); extra columns, e.g. `scorer`, are kept.

@@ -146,3 +146,25 @@ def test_verdicts_read_the_seed_level_interval():
     lo_s, hi_s = effect["ci95_seed"]
     assert lo > 0 and lo_s < 0 < hi_s and (hi_s - lo_s) > 3 * (hi - lo)
     assert claims.effect_row("b shares more", "higher", effect, +1)["holds"].startswith("not resolved")
+
+
+def test_tested_verdict_needs_the_p_value_not_only_the_sign() -> None:
+    """`claims.tested_verdict`: a positive estimate is "yes" only at p < alpha; the other sign at p < alpha is
+    "opposite"; a missing or NaN estimate is "not testable". On a null (two samples of one distribution,
+    permutation-tested), it says "yes" at most 10 times in 200 (2.5% expected: one side of a 5% test), while the
+    sign alone says so about half the time."""
+    from replication import stats
+
+    assert claims.tested_verdict(0.2, 0.01) == "yes"
+    assert claims.tested_verdict(-0.2, 0.01) == "opposite"
+    assert claims.tested_verdict(-0.2, 0.01, expected_sign=-1) == "yes"
+    assert claims.tested_verdict(0.2, 0.2) == "not resolved (p = 0.200)"
+    assert claims.tested_verdict(float("nan"), 0.01).startswith("not testable")
+    assert claims.tested_verdict(None, None).startswith("not testable")
+    with pytest.raises(ValueError, match="expected_sign"):
+        claims.tested_verdict(0.1, 0.01, expected_sign=0)
+    rng = np.random.default_rng(0)
+    tests = [stats.permutation_test(rng.lognormal(size=60), rng.lognormal(size=60), n_perm=200, stat="median", seed=s)
+             for s in range(200)]
+    assert sum(claims.tested_verdict(t["observed"], t["p_value"]) == "yes" for t in tests) <= 10
+    assert sum(t["observed"] > 0 for t in tests) >= 60

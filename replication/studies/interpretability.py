@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from .. import paths
 from ..analysis.stats import auc, balanced_accuracy, permutation_test, spearman_with_permutation
+from ..claims import tested_verdict
 from ..experiments import FinishedFamily
 from ..io import atomic_path, read_json, settings_key, write_json_atomic
 from ..lm.activations import heldout_token_windows
@@ -462,8 +463,7 @@ def alignment_score_gap(pairs: pd.DataFrame, threshold: float = 0.7, n_perm: int
         return {**out, "gap": None, "p_value": None, "verdict": "not testable: fewer than 2 scored pairs on a side"}
     test = permutation_test(diff[low], diff[~low], n_perm=n_perm, seed=seed)
     gap, p = test["observed"], test["p_value"]
-    verdict = ("yes" if gap > 0 and p < 0.05 else "opposite (well-aligned pairs differ more)" if gap < 0 and p < 0.05
-               else f"not resolved (p = {p:.3f})")
+    verdict = tested_verdict(gap, p).replace("opposite", "opposite (well-aligned pairs differ more)")
     return {**out, "gap": gap, "p_value": p, "n_perm": n_perm, "verdict": verdict}
 
 

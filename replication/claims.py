@@ -25,15 +25,24 @@ def effect_row(claim: str, paper: str, effect: Mapping[str, Any], expected_sign:
     ends = effect if "difference" in effect else effect["first_to_last"]
     diff = ends["difference"]
     lo, hi = ends["ci95_seed"] if "ci95_seed" in ends else ends["ci95"]   # seed-level when recorded: seeds, then latents
-    significant = lo > 0 or hi < 0
-    holds = bool(significant and np.sign(diff) == expected_sign)
-    verdict = "yes" if holds else ("opposite" if significant else "not resolved (interval includes 0)")
     if expected_sign == 0:
-        verdict = "no paper direction: " + ("resolved" if significant else "interval includes 0")
+        verdict = "no paper direction: " + ("resolved" if lo > 0 or hi < 0 else "interval includes 0")
+    else:
+        verdict = interval_verdict(diff, lo, hi, expected_sign)
     ours = f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}]" + (" (seeds and latents resampled)" if "ci95_seed" in ends else "")
     if "spearman_rho" in effect and effect["spearman_rho"] is not None:
         ours += f", Spearman {effect['spearman_rho']:+.2f}"
     return {"claim": claim, "paper": paper, "ours": (what + " " if what else "") + ours, "holds": verdict}
+
+
+def interval_verdict(estimate: float, low: float, high: float, expected_sign: int = 1) -> str:
+    """The verdict of a claim read off an interval: "yes" when the interval excludes 0 and the estimate has
+    the expected sign, "opposite" when it excludes 0 with the other sign, else "not resolved (interval includes 0)"."""
+    if expected_sign not in (-1, 1):
+        raise ValueError(f"expected_sign must be -1 or +1, got {expected_sign!r}")
+    if low > 0 or high < 0:
+        return "yes" if np.sign(estimate) == expected_sign else "opposite"
+    return "not resolved (interval includes 0)"
 
 
 def tested_verdict(estimate: float | None, p_value: float | None, expected_sign: int = 1, alpha: float = 0.05) -> str:

@@ -168,3 +168,14 @@ def test_tested_verdict_needs_the_p_value_not_only_the_sign() -> None:
              for s in range(200)]
     assert sum(claims.tested_verdict(t["observed"], t["p_value"]) == "yes" for t in tests) <= 10
     assert sum(t["observed"] > 0 for t in tests) >= 60
+
+
+def test_interval_verdict_reads_the_interval_and_the_sign() -> None:
+    """`claims.interval_verdict` (effect_row and the live-only gain use it): "yes" only when the interval
+    excludes 0 on the expected side."""
+    assert claims.interval_verdict(0.1, 0.02, 0.2) == "yes"
+    assert claims.interval_verdict(0.1, 0.02, 0.2, expected_sign=-1) == "opposite"
+    assert claims.interval_verdict(-0.1, -0.2, -0.02) == "opposite"
+    assert claims.interval_verdict(0.1, -0.01, 0.2) == "not resolved (interval includes 0)"
+    with pytest.raises(ValueError, match="expected_sign"):
+        claims.interval_verdict(0.1, 0.02, 0.2, expected_sign=0)

@@ -93,8 +93,10 @@ def test_live_only_statistics():
     g = n["live_median_gain"]                 # per pair: the two medians the summary records, subtracted
     assert g["ci95_seed"][0] <= g["estimate"] <= g["ci95_seed"][1]
     np.testing.assert_allclose(g["per_pair"], np.subtract(s["live"]["pair_medians"], s["all"]["pair_medians"]), atol=1e-12)
-    assert g["verdict"] == ("not testable: no dead latents" if n["dead_fraction"] == 0 else g["verdict"])
-    assert g["verdict"] != "yes" or g["ci95_seed"][0] > 0
+    low, high = g["ci95_seed"]
+    want = ("not testable: no dead latents" if n["dead_fraction"] == 0 else "yes" if low > 0
+            else "opposite (the live-only median is lower)" if high < 0 else "not resolved (interval includes 0)")
+    assert g["verdict"] == want
 
 
 

@@ -400,7 +400,8 @@ def _scored_pairs(n: int, gap: float, seed: int) -> "pd.DataFrame":
 
 def test_alignment_score_gap_says_yes_on_a_real_gap_and_not_on_a_null_of_the_same_size() -> None:
     """Figure 6's "low-alignment pairs: scores differ" verdict. Power: a 0.2 gap at 80 pairs is "yes" every
-    time. Calibration: with no gap, at most 3 "yes" in 40 draws (a 5% test gives 2 in expectation), while the
+    time. Calibration: with no gap, at most 3 "yes" in 40 draws (1 expected: "yes" is one side of a two-sided 5%
+    test), while the
     bare comparison of the two means it replaced says "differ" about half the time."""
     from replication import interpretability as interp
 

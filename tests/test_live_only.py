@@ -94,8 +94,8 @@ def test_live_median_gain_says_yes_when_dead_latents_are_random_directions() -> 
 
 def test_live_median_gain_does_not_say_yes_on_a_null_of_the_same_size() -> None:
     """Calibration: the same family with "dead" latents that are ordinary learned directions (30%, the same
-    atoms in every seed). Dropping them must not be called a rise: at most 1 "yes" in 20 families (a 5% test
-    would give 1 in expectation; the seed-level interval is what keeps it there)."""
+    atoms in every seed). Dropping them must not be called a rise: at most 1 "yes" in 20 families (0.5
+    expected: "yes" is one side of a 95% interval; the seed-level interval is what keeps it there)."""
     results = [_gain(*_family(5, 48, 24, 0.3, False, 100 + seed)) for seed in range(20)]
     yes = sum(r["verdict"] == "yes" for r in results)
     assert yes <= 1, [(round(r["estimate"], 4), r["ci95_seed"], r["verdict"]) for r in results]

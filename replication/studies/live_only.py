@@ -16,6 +16,7 @@ from scipy.optimize import linear_sum_assignment
 from ..analysis.matching import cosine_matrix, match
 from ..analysis.stability import random_directions_like
 from ..analysis.stats import hierarchical_bootstrap, seed_bootstrap
+from ..claims import interval_verdict
 from ..sae.directions import LatentDirections
 
 
@@ -119,13 +120,7 @@ def live_median_gain(all_cosines: Sequence[np.ndarray], live_cosines: Sequence[n
         raise ValueError("a seed pair has no live latents on one side: its live-only median is undefined")
     out = seed_bootstrap(gain[:, None], pairs, n_seeds, n_boot=n_boot, seed=seed)
     low, high = out["low"], out["high"]
-    if dead_fraction == 0:
-        verdict = "not testable: no dead latents"
-    elif low > 0:
-        verdict = "yes"
-    elif high < 0:
-        verdict = "opposite (the live-only median is lower)"
-    else:
-        verdict = "not resolved (interval includes 0)"
+    verdict = ("not testable: no dead latents" if dead_fraction == 0 else
+               interval_verdict(out["estimate"], low, high).replace("opposite", "opposite (the live-only median is lower)"))
     return {"estimate": out["estimate"], "ci95_seed": [low, high], "per_pair": [float(g) for g in gain],
             "n_seeds": n_seeds, "dead_fraction": float(dead_fraction), "verdict": verdict}
